@@ -1,1 +1,85 @@
-fn main() {}
+//! `gantry`: one executable for everything — the Azure Functions custom handler
+//! (`serve`), the local development host (`dev`), and operator tools.
+
+mod dev;
+mod functions;
+mod runs;
+mod send;
+mod serve;
+mod wiring;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// gantry: a secure, event-driven delivery pipeline for Kubernetes on Azure.
+#[derive(Parser)]
+#[command(name = "gantry", version, about, long_about = None)]
+struct Cli {
+    /// Log as JSON lines (default when running under the Functions host).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as the Azure Functions custom handler (listens on 127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT).
+    Serve,
+    /// Run the whole pipeline locally: HTTP API, embedded durable queues and state.
+    Dev(dev::DevArgs),
+    /// Send a sample event (GitHub webhook, registry or security event) to a running `gantry dev`.
+    Send(send::SendArgs),
+    /// Inspect runs in the state store.
+    Runs {
+        #[command(subcommand)]
+        command: runs::RunsCommand,
+    },
+}
+
+/// Where state lives, shared by `dev` and `runs`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Directory of the embedded store and queues.
+    #[arg(long, default_value = ".gantry", env = "GANTRY_STATE")]
+    pub state: PathBuf,
+    /// Use Blob Storage instead of the embedded store: a blob service URL
+    /// (Entra ID credential) or a storage connection string (e.g. Azurite).
+    #[arg(long, env = "GANTRY_STORAGE", hide_env_values = true)]
+    pub storage: Option<String>,
+    /// Blob container holding gantry's state.
+    #[arg(long, default_value = "gantry", env = "GANTRY_CONTAINER")]
+    pub container: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let json_logs = cli.log_json || std::env::var_os("FUNCTIONS_CUSTOMHANDLER_PORT").is_some();
+    init_tracing(json_logs);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve::run().await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Send(args) => send::run(args).await,
+            Command::Runs { command } => runs::run(command).await,
+        }
+    })
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.compact().init();
+    }
+}

@@ -11,6 +11,15 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+pub mod embedded;
+pub mod servicebus;
+
+pub use embedded::{
+    Clock, DeadLettered, EmbeddedBus, LockToken, MessageState, MessageView, QueueOptions,
+    QueueStats, Received, SystemClock,
+};
+pub use servicebus::ServiceBusRest;
+
 /// Queue names gantry uses (DESIGN.md §1). Only these may be sent to.
 pub const QUEUES: &[&str] = &[
     "registry-events",
@@ -19,6 +28,29 @@ pub const QUEUES: &[&str] = &[
     "policy",
     "deploy",
     "alerts",
+];
+
+/// Header names an application property may not take, because the REST sender
+/// uses them itself or HTTP gives them a meaning of their own.
+const RESERVED_PROPERTY_NAMES: &[&str] = &[
+    "accept",
+    "authorization",
+    "brokerproperties",
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "date",
+    "expect",
+    "host",
+    "keep-alive",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "x-ms-retrypolicy",
 ];
 
 /// Queues whose messages carry a `SessionId` (per-app ordering of deploys).
@@ -113,6 +145,14 @@ pub enum BusError {
         /// What went wrong (never contains credentials).
         message: String,
     },
+    /// Receiving from the embedded queue failed (its state could not be written).
+    #[error("receiving from queue {queue} failed: {message}")]
+    Receive {
+        /// The queue.
+        queue: String,
+        /// What went wrong.
+        message: String,
+    },
     /// Settling a received message (complete, abandon, dead-letter) failed.
     #[error("settling message {lock} failed: {message}")]
     Settle {
@@ -129,7 +169,7 @@ impl BusError {
         match self {
             BusError::Send { transient, .. } => *transient,
             BusError::InvalidMessage { .. } | BusError::Open { .. } => false,
-            BusError::Settle { .. } => true,
+            BusError::Receive { .. } | BusError::Settle { .. } => true,
         }
     }
 }
@@ -159,15 +199,29 @@ pub fn validate(message: &OutMessage) -> Result<(), BusError> {
     if !sessions && message.session_id.is_some() {
         return invalid("this queue does not use sessions");
     }
-    if let Some(id) = &message.message_id {
-        // Service Bus limits MessageId and SessionId to 128 characters.
-        if id.is_empty() || id.len() > 128 {
-            return invalid("MessageId must be 1-128 characters");
-        }
+    // Service Bus limits MessageId and SessionId to 128 characters.
+    let out_of_range = |id: &String| id.is_empty() || id.len() > 128;
+    if message.message_id.as_ref().is_some_and(out_of_range) {
+        return invalid("MessageId must be 1-128 characters");
     }
-    if let Some(id) = &message.session_id {
-        if id.is_empty() || id.len() > 128 {
-            return invalid("SessionId must be 1-128 characters");
+    if message.session_id.as_ref().is_some_and(out_of_range) {
+        return invalid("SessionId must be 1-128 characters");
+    }
+    for key in message.properties.keys() {
+        // Properties travel as HTTP headers on the REST API. HTTP/1 clients send
+        // header names lower-cased, so only lower-case names survive the trip
+        // unchanged; requiring them here keeps the embedded queue and Service Bus
+        // in agreement about what a receiver sees.
+        let well_formed = !key.is_empty()
+            && key.len() <= 64
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !well_formed {
+            return invalid("property names must be 1-64 characters of [a-z0-9-]");
+        }
+        if RESERVED_PROPERTY_NAMES.contains(&key.as_str()) {
+            return invalid("property name collides with an HTTP or Service Bus header");
         }
     }
     // Standard tier messages are at most 256 KiB including headers.

@@ -1,1 +1,387 @@
-//! placeholder
+//! The custom-handler runtime that hosts every gantry function in one process.
+//!
+//! A function is a lambda-style `async fn(Invocation<T>, &Deps) -> Result<Done, E>`
+//! where `E` says whether it is transient (reply non-2xx so the host abandons
+//! and redelivers the message) or permanent (record the rejection with its
+//! reason, alert, acknowledge: bad input never gets better by retrying).
+//!
+//! [`app`] builds the one axum router `gantry serve` and `gantry dev` both
+//! serve: `POST /{FunctionName}` for queue and timer triggers (the invocation
+//! envelope), and each HTTP function's own routes under `/api/` (the host
+//! forwards the original request with `enableForwardingHttpRequest`).
+
+pub mod envelope;
+pub mod http_error;
+pub mod signature;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use gantry_bus::{MessageBus, OutMessage};
+use gantry_pipeline::{AuditEntry, Config, RunStore};
+use http::StatusCode;
+use time::OffsetDateTime;
+
+pub use envelope::{InvokeRequest, InvokeResponse, MessageMeta};
+pub use http_error::ApiError;
+
+/// A secret value (webhook secret, token): never printed by `Debug` or `Display`.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into())
+    }
+
+    /// The secret bytes; call only where the secret is used (HMAC key, ...).
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Secrets from the environment (Key Vault references in Azure).
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// `GANTRY_GITHUB_WEBHOOK_SECRET`: without it every webhook is refused.
+    pub github_webhook: Option<Secret>,
+}
+
+/// Everything a function may use. Built once per process.
+#[derive(Clone)]
+pub struct Deps {
+    /// Runs, indexes, claims and the audit trail.
+    pub runs: RunStore,
+    /// Where messages go.
+    pub bus: Arc<dyn MessageBus>,
+    /// `gantry.toml`.
+    pub config: Arc<Config>,
+    /// Secrets.
+    pub secrets: Secrets,
+}
+
+impl Deps {
+    /// Appends to the audit trail; failures are logged, not fatal, because the
+    /// state change itself is already recorded on the run.
+    pub async fn audit(&self, entry: AuditEntry) {
+        if let Err(e) = self.runs.audit(&entry).await {
+            tracing::warn!(error = %e, action = %entry.action, "audit append failed");
+        }
+    }
+
+    /// Sends a message, classifying failures for the caller.
+    pub async fn send(&self, message: OutMessage) -> Result<(), gantry_bus::BusError> {
+        self.bus.send(message).await
+    }
+}
+
+/// A function's successful result: one line for the host log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done(pub String);
+
+/// Implemented by each function's error enum.
+pub trait FunctionError: std::error::Error + Send + Sync + 'static {
+    /// Whether redelivering the message may succeed.
+    fn is_transient(&self) -> bool;
+}
+
+/// A decoded invocation of a queue- or timer-triggered function.
+#[derive(Debug, Clone)]
+pub struct Invocation<T> {
+    /// The decoded event.
+    pub event: T,
+    /// Message metadata (id, delivery count, session, properties).
+    pub meta: MessageMeta,
+}
+
+/// Event types a queue function accepts, decoded from the raw message body.
+pub trait FromMessage: Sized {
+    /// Decodes the body; the error names what is wrong (it is recorded as the
+    /// rejection reason).
+    fn from_message(body: &[u8]) -> Result<Self, String>;
+}
+
+/// How a function is triggered; mirrors its `function.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// HTTP, forwarded to the handler at `/api/{route}`.
+    Http {
+        /// Route template as in function.json (`github`, `{*path}`).
+        route: &'static str,
+        /// Allowed methods, lowercase.
+        methods: &'static [&'static str],
+    },
+    /// Service Bus queue.
+    Queue {
+        /// Queue name.
+        queue: &'static str,
+        /// Binding name (the key in `Data`).
+        binding: &'static str,
+        /// Whether the trigger uses sessions.
+        sessions: bool,
+    },
+    /// Timer.
+    Timer {
+        /// NCRONTAB schedule.
+        schedule: &'static str,
+    },
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type QueueHandler =
+    Arc<dyn Fn(Vec<u8>, MessageMeta, Arc<Deps>) -> BoxFuture<Outcome> + Send + Sync>;
+
+/// What happened to one invocation, as the runtime reports it to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed.
+    Done(String),
+    /// Failed permanently: recorded and acknowledged.
+    Rejected(String),
+    /// Failed transiently: the host must redeliver.
+    Retry(String),
+}
+
+/// A function: its name (= folder = route = span) and trigger, and its code.
+#[derive(Clone)]
+pub struct Function {
+    /// Function name, e.g. `registry-push`.
+    pub name: &'static str,
+    /// Its trigger.
+    pub trigger: Trigger,
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Queue(QueueHandler),
+    Http(fn() -> Router<Arc<Deps>>),
+}
+
+impl Function {
+    /// A queue-triggered function from a lambda-style handler.
+    pub fn queue<T, E, F, Fut>(
+        name: &'static str,
+        queue: &'static str,
+        sessions: bool,
+        handler: F,
+    ) -> Function
+    where
+        T: FromMessage + Send + 'static,
+        E: FunctionError,
+        F: Fn(Invocation<T>, Arc<Deps>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Done, E>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let run: QueueHandler =
+            Arc::new(move |body: Vec<u8>, meta: MessageMeta, deps: Arc<Deps>| {
+                let handler = handler.clone();
+                Box::pin(async move {
+                    let event = match T::from_message(&body) {
+                        Ok(e) => e,
+                        Err(reason) => return Outcome::Rejected(format!("bad message: {reason}")),
+                    };
+                    match handler(Invocation { event, meta }, deps).await {
+                        Ok(Done(line)) => Outcome::Done(line),
+                        Err(e) if e.is_transient() => Outcome::Retry(e.to_string()),
+                        Err(e) => Outcome::Rejected(e.to_string()),
+                    }
+                }) as BoxFuture<Outcome>
+            });
+        Function {
+            name,
+            trigger: Trigger::Queue {
+                queue,
+                binding: "message",
+                sessions,
+            },
+            kind: Kind::Queue(run),
+        }
+    }
+
+    /// An HTTP function: `routes` returns its axum routes (full `/api/...` paths).
+    pub fn http(
+        name: &'static str,
+        route: &'static str,
+        methods: &'static [&'static str],
+        routes: fn() -> Router<Arc<Deps>>,
+    ) -> Function {
+        Function {
+            name,
+            trigger: Trigger::Http { route, methods },
+            kind: Kind::Http(routes),
+        }
+    }
+
+    /// Runs a queue function on a raw message, outside HTTP (used by tests and
+    /// benchmarks; the dev host goes through the HTTP envelope instead).
+    pub async fn invoke(
+        &self,
+        body: Vec<u8>,
+        meta: MessageMeta,
+        deps: Arc<Deps>,
+    ) -> Option<Outcome> {
+        match &self.kind {
+            Kind::Queue(h) => Some(h(body, meta, deps).await),
+            Kind::Http(_) => None,
+        }
+    }
+}
+
+/// Largest invocation envelope accepted: a Service Bus premium message is at
+/// most 100 MB, but gantry's own messages are < 192 KiB and event payloads far
+/// smaller; base64 and double encoding can nearly double the size.
+pub const MAX_ENVELOPE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The router of the whole custom handler.
+pub fn app(deps: Arc<Deps>, functions: &[Function]) -> Router {
+    let mut router: Router<Arc<Deps>> = Router::new();
+    for f in functions {
+        match &f.kind {
+            Kind::Queue(handler) => {
+                let handler = handler.clone();
+                let name = f.name;
+                let binding = match &f.trigger {
+                    Trigger::Queue { binding, .. } => *binding,
+                    _ => "message",
+                };
+                router = router.route(
+                    &format!("/{name}"),
+                    post(
+                        move |State(deps): State<Arc<Deps>>, body: axum::body::Bytes| {
+                            invoke_envelope(name, binding, handler.clone(), deps, body)
+                        },
+                    )
+                    .layer(DefaultBodyLimit::max(MAX_ENVELOPE_BYTES)),
+                );
+            }
+            Kind::Http(routes) => router = router.merge(routes()),
+        }
+    }
+    router
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(deps)
+}
+
+async fn invoke_envelope(
+    name: &'static str,
+    binding: &'static str,
+    handler: QueueHandler,
+    deps: Arc<Deps>,
+    body: axum::body::Bytes,
+) -> Response {
+    let span = tracing::info_span!("invocation", function = name);
+    let _guard = span.enter();
+    drop(_guard);
+    let request: InvokeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        // The envelope itself is malformed: that is the host (or a caller) not
+        // speaking the protocol, not a bad message. 400 makes the host abandon.
+        Err(e) => {
+            return ApiError::bad_request("bad_envelope", format!("invocation envelope: {e}"))
+                .into_response();
+        }
+    };
+    let meta = MessageMeta::from_metadata(&request.metadata);
+    let outcome = match envelope::message_bytes(&request.data, binding, false) {
+        Ok(bytes) => handler(bytes, meta.clone(), deps.clone()).await,
+        Err(e) => Outcome::Rejected(format!("bad message: {}", e.0)),
+    };
+    let (status, log) = match &outcome {
+        Outcome::Done(line) => {
+            tracing::info!(function = name, message_id = ?meta.message_id, "{line}");
+            (StatusCode::OK, line.clone())
+        }
+        Outcome::Retry(reason) => {
+            tracing::warn!(function = name, message_id = ?meta.message_id, delivery_count = meta.delivery_count, "transient failure, will be redelivered: {reason}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("transient: {reason}"),
+            )
+        }
+        Outcome::Rejected(reason) => {
+            tracing::error!(function = name, message_id = ?meta.message_id, "rejected: {reason}");
+            match record_rejection(name, &meta, &body, reason, &deps).await {
+                Ok(()) => (StatusCode::OK, format!("rejected: {reason}")),
+                // Could not record why: do not acknowledge, or the event is lost
+                // without a trace. Redelivery ends in the dead-letter queue.
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("rejected ({reason}) and recording failed: {e}"),
+                ),
+            }
+        }
+    };
+    let response = InvokeResponse {
+        logs: vec![log],
+        ..Default::default()
+    };
+    (status, axum::Json(response)).into_response()
+}
+
+/// Records a permanently failed message at `rejected/{function}/{key}.json` and
+/// in the audit trail, and queues an alert, so nothing is acknowledged silently.
+async fn record_rejection(
+    function: &str,
+    meta: &MessageMeta,
+    envelope: &[u8],
+    reason: &str,
+    deps: &Deps,
+) -> Result<(), String> {
+    use sha2::Digest as _;
+    let key = match &meta.message_id {
+        Some(id) => gantry_pipeline::names::event_key(id),
+        None => format!("h-{}", hex::encode(sha2::Sha256::digest(envelope))),
+    };
+    let now = OffsetDateTime::now_utc();
+    let record = serde_json::json!({
+        "function": function,
+        "message_id": meta.message_id,
+        "delivery_count": meta.delivery_count,
+        "reason": reason,
+        "at": now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        // Keep the envelope (bounded) so an operator can see what was refused.
+        "envelope": String::from_utf8_lossy(&envelope[..envelope.len().min(64 * 1024)]),
+    });
+    let name = format!("rejected/{function}/{key}.json");
+    let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    match deps.runs.raw().create(&name, &body).await {
+        Ok(_) | Err(gantry_store::StoreError::Conflict { .. }) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    deps.audit(AuditEntry {
+        at: now,
+        actor: function.to_string(),
+        action: "message.rejected".into(),
+        app: None,
+        run: None,
+        detail: serde_json::json!({"message_id": meta.message_id, "reason": reason, "record": name}),
+    })
+    .await;
+    let mut alert = gantry_pipeline::Alert::new(
+        "message-rejected",
+        gantry_pipeline::Severity::Warning,
+        format!("{function} rejected a message: {reason}"),
+    );
+    alert.detail =
+        serde_json::json!({"function": function, "message_id": meta.message_id, "record": name});
+    let msg = OutMessage::json("alerts", &alert)
+        .map_err(|e| e.to_string())?
+        .with_id(format!(
+            "rejected:{function}:{}",
+            &key[..key.len().min(100)]
+        ));
+    deps.send(msg).await.map_err(|e| e.to_string())
+}

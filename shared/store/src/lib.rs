@@ -7,11 +7,15 @@
 //!
 //! Two implementations share one contract (and one conformance test suite):
 //! [`fs::FsStore`], the embedded on-disk store of `gantry dev`, and
-//! `blob::BlobStore`, Azure Blob Storage through the official SDK.
+//! [`blob::BlobStore`], Azure Blob Storage through the official SDK.
 
 use async_trait::async_trait;
 
+pub mod blob;
 pub mod fs;
+
+pub use blob::BlobStore;
+pub use fs::FsStore;
 
 /// An entity tag: an opaque version of one blob.
 ///
@@ -197,6 +201,10 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Lists blob names starting with `prefix` in lexicographic order, at most
     /// `max` per page; pass the previous page's `next` to continue.
+    ///
+    /// `prefix` is a raw string prefix and may end mid-segment. `max` is clamped
+    /// to 1..=5000 (Blob Storage's page limit), and a page may hold fewer than
+    /// `max` names even when more follow: loop until `next` is `None`.
     async fn list(
         &self,
         prefix: &str,

@@ -1,0 +1,303 @@
+//! `gantry dev`: the whole pipeline on one machine. The same router as
+//! `gantry serve`, plus an embedded durable queue standing in for Service Bus
+//! and the Functions host: a dispatcher per queue-triggered function receives
+//! with peek-lock and invokes the function through the very same invocation
+//! envelope (`POST /{FunctionName}`) the host would send.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use gantry_bus::embedded::{EmbeddedBus, QueueOptions, Received};
+use gantry_bus::{MessageBus, OutMessage, QUEUES};
+use gantry_runtime::{ApiError, Deps, Function, Trigger};
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::Semaphore;
+use tower::ServiceExt as _;
+
+/// Flags of `gantry dev`.
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// gantry.toml to use; without it, the embedded example configuration.
+    #[arg(long, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Port on 127.0.0.1 (dev never listens beyond loopback).
+    #[arg(long, default_value_t = 7071)]
+    port: u16,
+    #[command(flatten)]
+    store: crate::StoreArgs,
+    /// Deliveries before a message is dead-lettered.
+    #[arg(long, default_value_t = 10)]
+    max_delivery_count: u32,
+    /// Seconds a received message stays locked.
+    #[arg(long, default_value_t = 60)]
+    lock_seconds: u64,
+    /// Messages of one queue processed concurrently.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+/// Largest body `POST /dev/queues/{queue}` accepts (Service Bus standard tier: 256 KiB).
+const MAX_DEV_MESSAGE: usize = 256 * 1024;
+
+pub async fn run(args: DevArgs) -> Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (is another gantry dev running? try --port)"))?;
+    let config = crate::wiring::load_config(args.config.as_deref())?;
+    let store = crate::wiring::open_store(&args.store).await?;
+    let options = QueueOptions {
+        lock_duration: Duration::from_secs(args.lock_seconds.max(1)),
+        max_delivery_count: args.max_delivery_count.max(1),
+        ..QueueOptions::default()
+    };
+    let bus = Arc::new(
+        EmbeddedBus::open(args.store.state.join("queues"), options)
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the embedded queues in {}",
+                    args.store.state.display()
+                )
+            })?,
+    );
+    if std::env::var_os("GANTRY_GITHUB_WEBHOOK_SECRET").is_none() {
+        tracing::warn!(
+            "GANTRY_GITHUB_WEBHOOK_SECRET is not set: using the development secret (gantry send signs with it too)"
+        );
+    }
+    let deps = Arc::new(Deps {
+        runs: gantry_pipeline::RunStore::new(store),
+        bus: bus.clone() as Arc<dyn MessageBus>,
+        config: Arc::new(config),
+        secrets: crate::wiring::secrets(true),
+    });
+    let functions = crate::functions::all();
+    let router = gantry_runtime::app(deps.clone(), &functions);
+    let app = router.clone().merge(dev_routes(bus.clone()));
+
+    for f in &functions {
+        if let Trigger::Queue { queue, .. } = f.trigger {
+            tokio::spawn(dispatch(
+                bus.clone(),
+                router.clone(),
+                f.clone(),
+                queue,
+                args.concurrency.max(1),
+            ));
+        }
+    }
+    let state = match &args.store.storage {
+        Some(_) => "Blob Storage (--storage)".to_string(),
+        None => args.store.state.join("store").display().to_string(),
+    };
+    println!("gantry dev listening on http://{addr}");
+    println!("  webhook   POST http://{addr}/api/github");
+    println!("  health    GET  http://{addr}/api/health");
+    println!("  queues    POST http://{addr}/dev/queues/{{queue}}   GET http://{addr}/dev/queues");
+    println!("  state     {state}");
+    println!("  queues at {}", args.store.state.join("queues").display());
+    println!(
+        "  functions {}",
+        functions
+            .iter()
+            .map(|f| f.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving HTTP")?;
+    Ok(())
+}
+
+fn dev_routes(bus: Arc<EmbeddedBus>) -> Router {
+    Router::new()
+        .route("/dev/queues", get(list_queues))
+        .route("/dev/queues/{queue}", post(enqueue).get(show_queue))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_DEV_MESSAGE))
+        .with_state(bus)
+}
+
+/// `POST /dev/queues/{queue}`: the body becomes one message, with optional
+/// `MessageId` / `SessionId` headers (how samples inject Service Bus events).
+async fn enqueue(
+    State(bus): State<Arc<EmbeddedBus>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !QUEUES.contains(&queue.as_str()) {
+        return Err(ApiError::not_found(format!(
+            "unknown queue {queue:?}; queues: {}",
+            QUEUES.join(", ")
+        )));
+    }
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_body",
+            "the message body is empty",
+        ));
+    }
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+        return Err(ApiError::bad_request(
+            "bad_payload",
+            "the message body must be JSON",
+        ));
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let message = OutMessage {
+        queue: queue.clone(),
+        body: body.to_vec(),
+        message_id: header("messageid"),
+        session_id: header("sessionid"),
+        scheduled_enqueue_time: None,
+        properties: Default::default(),
+    };
+    let message_id = message.message_id.clone();
+    bus.send(message).await.map_err(|e| match e {
+        gantry_bus::BusError::InvalidMessage { reason, .. } => {
+            ApiError::bad_request("bad_message", reason)
+        }
+        other => ApiError::unavailable(other.to_string()),
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({"queue": queue, "message_id": message_id})),
+    )
+        .into_response())
+}
+
+async fn list_queues(State(bus): State<Arc<EmbeddedBus>>) -> axum::Json<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for q in QUEUES {
+        out.insert(
+            q.to_string(),
+            serde_json::to_value(bus.stats(q).await).unwrap_or_default(),
+        );
+    }
+    axum::Json(serde_json::Value::Object(out))
+}
+
+async fn show_queue(
+    State(bus): State<Arc<EmbeddedBus>>,
+    Path(queue): Path<String>,
+) -> Result<Response, ApiError> {
+    if !QUEUES.contains(&queue.as_str()) {
+        return Err(ApiError::not_found(format!("unknown queue {queue:?}")));
+    }
+    Ok(axum::Json(serde_json::json!({
+        "stats": bus.stats(&queue).await,
+        "messages": bus.peek(&queue).await,
+        "dead_letters": bus.dead_letters(&queue).await,
+    }))
+    .into_response())
+}
+
+/// Receives from `queue` and invokes `function` through the HTTP envelope,
+/// settling like the Functions host: 2xx completes, anything else abandons
+/// (the bus dead-letters after the maximum delivery count).
+async fn dispatch(
+    bus: Arc<EmbeddedBus>,
+    router: Router,
+    function: Function,
+    queue: &'static str,
+    concurrency: usize,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        // Subscribe before looking, so a message sent in between wakes us.
+        let notified = bus.notified();
+        match bus.receive(queue).await {
+            Ok(Some(message)) => {
+                let (bus, router, name) = (bus.clone(), router.clone(), function.name);
+                tokio::spawn(async move {
+                    deliver(&bus, router, name, message).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => {
+                drop(permit);
+                let wait = match bus.next_due(queue).await {
+                    Some(due) => {
+                        let ms = (due - time::OffsetDateTime::now_utc())
+                            .whole_milliseconds()
+                            .clamp(1, 1000);
+                        Duration::from_millis(ms as u64)
+                    }
+                    None => Duration::from_secs(1),
+                };
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => {
+                drop(permit);
+                tracing::error!(queue, error = %e, "receiving failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, message: Received) {
+    let binding = "message";
+    let enqueued = message.enqueued_time.format(&Rfc3339).unwrap_or_default();
+    let envelope = gantry_runtime::envelope::host_request_for_message(
+        binding,
+        false,
+        &message.body,
+        &message.message_id,
+        message.delivery_count,
+        message.session_id.as_deref(),
+        &enqueued,
+        &message.properties,
+    );
+    let body = serde_json::to_vec(&envelope).unwrap_or_default();
+    let request = Request::post(format!("/{function}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body));
+    let status = match request {
+        Ok(req) => match router.oneshot(req).await {
+            Ok(resp) => resp.status(),
+            Err(never) => match never {},
+        },
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let settled = if status.is_success() {
+        bus.complete(&message.lock).await
+    } else {
+        tracing::warn!(
+            function,
+            message_id = %message.message_id,
+            delivery_count = message.delivery_count,
+            status = status.as_u16(),
+            "invocation failed; abandoning for redelivery"
+        );
+        bus.abandon(&message.lock).await
+    };
+    if let Err(e) = settled {
+        tracing::error!(function, message_id = %message.message_id, error = %e, "settling failed");
+    }
+}

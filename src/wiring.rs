@@ -1,0 +1,95 @@
+//! Builds stores, buses and credentials from settings (flags or app settings).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use azure_core::credentials::TokenCredential;
+use gantry_pipeline::Config;
+use gantry_runtime::{Secret, Secrets};
+use gantry_store::StateStore;
+
+/// The default development webhook secret, used by `gantry dev` and
+/// `gantry send` when `GANTRY_GITHUB_WEBHOOK_SECRET` is not set. Never used by
+/// `gantry serve`.
+pub const DEV_WEBHOOK_SECRET: &str = "gantry-dev-webhook-secret";
+
+/// The Entra ID credential: the Function App's managed identity in Azure
+/// (user-assigned when `AZURE_CLIENT_ID` is set), a developer login elsewhere.
+pub fn azure_credential() -> Result<Arc<dyn TokenCredential>> {
+    let in_azure = std::env::var_os("IDENTITY_ENDPOINT").is_some()
+        || std::env::var_os("MSI_ENDPOINT").is_some();
+    if in_azure {
+        let options = std::env::var("AZURE_CLIENT_ID")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|id| azure_identity::ManagedIdentityCredentialOptions {
+                user_assigned_id: Some(azure_identity::UserAssignedId::ClientId(id)),
+                ..Default::default()
+            });
+        Ok(azure_identity::ManagedIdentityCredential::new(options)
+            .context("creating the managed identity credential")?)
+    } else {
+        Ok(azure_identity::DeveloperToolsCredential::new(None)
+            .context("creating the developer credential")?)
+    }
+}
+
+fn is_connection_string(setting: &str) -> bool {
+    setting.contains('=') && !setting.starts_with("http")
+}
+
+/// Opens Blob Storage from a URL (Entra ID) or a connection string (account SAS).
+pub async fn open_blob_store(setting: &str, container: &str) -> Result<Arc<dyn StateStore>> {
+    let credential = if is_connection_string(setting) {
+        None
+    } else {
+        Some(azure_credential()?)
+    };
+    let store = gantry_store::blob::BlobStore::connect(setting, container, credential)?;
+    if is_connection_string(setting) {
+        // Emulators and development accounts: create the container on first use.
+        // In Azure the container comes from infra and the identity may not create it.
+        store
+            .ensure_container()
+            .await
+            .context("creating the state container")?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// Opens the store for `dev` and `runs`: Blob Storage when `storage` is given,
+/// else the embedded store under `state/store`.
+pub async fn open_store(args: &crate::StoreArgs) -> Result<Arc<dyn StateStore>> {
+    match &args.storage {
+        Some(setting) => open_blob_store(setting, &args.container).await,
+        None => Ok(Arc::new(
+            gantry_store::fs::FsStore::open(args.state.join("store")).with_context(|| {
+                format!("opening the embedded store in {}", args.state.display())
+            })?,
+        )),
+    }
+}
+
+/// Loads `gantry.toml` from `path`, or the embedded example when `None`.
+pub fn load_config(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::parse(
+            gantry_pipeline::config::EMBEDDED_EXAMPLE,
+            "<embedded gantry.toml>",
+        )?,
+    })
+}
+
+/// Reads secrets from the environment. `dev_default` fills in the development
+/// webhook secret when none is set (only `gantry dev` passes `true`).
+pub fn secrets(dev_default: bool) -> Secrets {
+    let webhook = std::env::var("GANTRY_GITHUB_WEBHOOK_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| dev_default.then(|| DEV_WEBHOOK_SECRET.to_string()));
+    Secrets {
+        github_webhook: webhook.map(|s| Secret::new(s.into_bytes())),
+    }
+}
