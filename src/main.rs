@@ -32,6 +32,12 @@ enum Command {
     Dev(dev::DevArgs),
     /// Send a sample event (GitHub webhook, registry or security event) to a running `gantry dev`.
     Send(send::SendArgs),
+    /// List the functions this binary hosts and their triggers (as in each function.json).
+    Functions {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect runs in the state store.
     Runs {
         #[command(subcommand)]
@@ -66,6 +72,7 @@ fn main() -> Result<()> {
             Command::Serve => serve::run().await,
             Command::Dev(args) => dev::run(args).await,
             Command::Send(args) => send::run(args).await,
+            Command::Functions { json } => functions::print(json),
             Command::Runs { command } => runs::run(command).await,
         }
     })

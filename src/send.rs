@@ -50,7 +50,7 @@ fn detect(payload: &Value) -> Option<Target> {
         first.get(k).is_some()
             || first
                 .get(
-                    &k[..1]
+                    k[..1]
                         .to_uppercase()
                         .chars()
                         .chain(k[1..].chars())

@@ -53,10 +53,10 @@ impl DevHost {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = host.client.get(host.url("/api/health")).send().await {
-                if r.status().is_success() {
-                    return Ok(host);
-                }
+            if let Ok(r) = host.client.get(host.url("/api/health")).send().await
+                && r.status().is_success()
+            {
+                return Ok(host);
             }
             if Instant::now() > deadline {
                 bail!("gantry dev did not answer /api/health within 30 s");

@@ -252,34 +252,33 @@ async fn on_pushed(
     .await;
     // Hand over to the scan gate whenever the run waits for it. Sent on every
     // (re)delivery until the claim is written; the MessageId makes repeats no-ops.
-    if run.status == RunStatus::Scanning {
-        if let Some(step) = run
+    if run.status == RunStatus::Scanning
+        && let Some(step) = run
             .steps
             .get(steps::SCAN)
             .filter(|s| s.status == StepStatus::Pending)
-        {
-            let request = StepRequest {
-                app: app.name.clone(),
-                run_id: id.clone(),
-                digest: digest.clone(),
-                attempt: step.attempts,
-            };
-            let message = OutMessage::json("scan", &request)
-                .map_err(|source| RegistryPushError::Queue {
-                    event: event.id.clone(),
-                    source,
-                })?
-                .with_id(request.message_id(steps::SCAN))
-                .with_property("run-id", id.to_string())
-                .with_property("app", app.name.to_string());
-            deps.send(message)
-                .await
-                .map_err(|source| RegistryPushError::Queue {
-                    event: event.id.clone(),
-                    source,
-                })?;
-            return Ok(format!("run {id}: {digest} recorded, scan queued"));
-        }
+    {
+        let request = StepRequest {
+            app: app.name.clone(),
+            run_id: id.clone(),
+            digest: digest.clone(),
+            attempt: step.attempts,
+        };
+        let message = OutMessage::json("scan", &request)
+            .map_err(|source| RegistryPushError::Queue {
+                event: event.id.clone(),
+                source,
+            })?
+            .with_id(request.message_id(steps::SCAN))
+            .with_property("run-id", id.to_string())
+            .with_property("app", app.name.to_string());
+        deps.send(message)
+            .await
+            .map_err(|source| RegistryPushError::Queue {
+                event: event.id.clone(),
+                source,
+            })?;
+        return Ok(format!("run {id}: {digest} recorded, scan queued"));
     }
     Ok(format!(
         "run {id}: {digest} recorded ({})",

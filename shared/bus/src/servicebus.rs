@@ -407,12 +407,13 @@ fn endpoint_url(text: &str) -> Result<Url, BusError> {
         Host::Ipv4(ip) => IpAddr::V4(ip).is_loopback(),
         Host::Ipv6(ip) => IpAddr::V6(ip).is_loopback(),
     };
+    // An sb:// port is an AMQP port and means nothing to HTTPS; an explicit
+    // https:// or loopback http:// port is kept.
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     let base = match url.scheme() {
-        "sb" | "https" => format!("https://{host}/"),
-        "http" if loopback => match url.port() {
-            Some(port) => format!("http://{host}:{port}/"),
-            None => format!("http://{host}/"),
-        },
+        "sb" => format!("https://{host}/"),
+        "https" => format!("https://{host}{port}/"),
+        "http" if loopback => format!("http://{host}{port}/"),
         "http" => {
             return Err(open_error(
                 "plain http is only allowed for loopback Service Bus endpoints",

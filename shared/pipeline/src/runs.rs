@@ -328,10 +328,10 @@ impl RunStore {
         let mut out = Vec::new();
         for name in self.list_all(&blobs::runs_prefix(app)).await? {
             let mut parts = name.trim_end_matches(".json").split('/').skip(1);
-            if let (Some(a), Some(i)) = (parts.next(), parts.next()) {
-                if let (Ok(a), Ok(i)) = (AppName::parse(a), RunId::parse(i)) {
-                    out.push((a, i));
-                }
+            if let (Some(a), Some(i)) = (parts.next(), parts.next())
+                && let (Ok(a), Ok(i)) = (AppName::parse(a), RunId::parse(i))
+            {
+                out.push((a, i));
             }
         }
         out.sort_by(|x, y| x.1.cmp(&y.1));
@@ -350,10 +350,10 @@ impl RunStore {
             if out.len() >= limit {
                 break;
             }
-            if let Some(run) = self.get(&a, &id).await? {
-                if status.is_none_or(|s| s == run.status) {
-                    out.push(run);
-                }
+            if let Some(run) = self.get(&a, &id).await?
+                && status.is_none_or(|s| s == run.status)
+            {
+                out.push(run);
             }
         }
         Ok(out)

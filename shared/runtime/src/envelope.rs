@@ -42,13 +42,12 @@ fn unquote(value: &Value) -> Option<Value> {
     match value {
         Value::String(s) => {
             let t = s.trim();
-            if (t.starts_with('"') && t.ends_with('"') && t.len() >= 2)
+            if ((t.starts_with('"') && t.ends_with('"') && t.len() >= 2)
                 || t.starts_with('{')
-                || t.starts_with('[')
+                || t.starts_with('['))
+                && let Ok(inner) = serde_json::from_str::<Value>(t)
             {
-                if let Ok(inner) = serde_json::from_str::<Value>(t) {
-                    return Some(inner);
-                }
+                return Some(inner);
             }
             Some(value.clone())
         }
@@ -142,10 +141,10 @@ pub fn message_bytes(
             .map_err(|e| DataError(format!("Data.{binding} is not valid base64: {e}"))),
         Value::String(s) => {
             let t = s.trim_start();
-            if t.starts_with('"') {
-                if let Ok(Value::String(inner)) = serde_json::from_str::<Value>(t) {
-                    return Ok(inner.into_bytes());
-                }
+            if t.starts_with('"')
+                && let Ok(Value::String(inner)) = serde_json::from_str::<Value>(t)
+            {
+                return Ok(inner.into_bytes());
             }
             Ok(s.clone().into_bytes())
         }
@@ -199,4 +198,37 @@ pub fn host_request_for_message(
         serde_json::json!({"MethodName": binding, "UtcNow": enqueued_time}),
     );
     InvokeRequest { data, metadata }
+}
+
+/// `Data.{binding}` of a timer trigger (what `cluster-audit` receives).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TimerInfo {
+    /// Whether the invocation is late (the host was down at the scheduled time).
+    #[serde(default)]
+    pub is_past_due: bool,
+    /// Last and next occurrences, when the host tracks them.
+    #[serde(default)]
+    pub schedule_status: Option<ScheduleStatus>,
+}
+
+/// Schedule bookkeeping of a timer trigger.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ScheduleStatus {
+    /// Previous occurrence.
+    #[serde(default)]
+    pub last: Option<String>,
+    /// Next occurrence.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+impl TimerInfo {
+    /// Decodes `Data.{binding}` of a timer invocation (object or JSON string).
+    pub fn from_data(data: &Map<String, Value>, binding: &str) -> Result<TimerInfo, DataError> {
+        let bytes = message_bytes(data, binding, false)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| DataError(format!("Data.{binding} is not timer info: {e}")))
+    }
 }
