@@ -802,7 +802,8 @@ fn filesystem_of(path: &Path) -> String {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, point, kind) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(point).then(|| (point.len(), kind.to_string()))
+            path.starts_with(point)
+                .then(|| (point.len(), kind.to_string()))
         })
         .max()
         .map_or_else(|| "unknown".to_string(), |(_, kind)| kind)

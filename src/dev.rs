@@ -278,12 +278,28 @@ async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, mess
     let request = Request::post(format!("/{function}"))
         .header("content-type", "application/json")
         .body(axum::body::Body::from(body));
-    let status = match request {
-        Ok(req) => match router.oneshot(req).await {
-            Ok(resp) => resp.status(),
-            Err(never) => match never {},
-        },
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    // Renew the peek-lock while the function runs, like the host's
+    // maxAutoLockRenewalDuration, so a slow step is not delivered twice at once.
+    let renew_every = bus.options().lock_duration / 2;
+    let invoke = async {
+        match request {
+            Ok(req) => match router.oneshot(req).await {
+                Ok(resp) => resp.status(),
+                Err(never) => match never {},
+            },
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    };
+    tokio::pin!(invoke);
+    let status = loop {
+        tokio::select! {
+            status = &mut invoke => break status,
+            _ = tokio::time::sleep(renew_every) => {
+                if let Err(e) = bus.renew_lock(&message.lock).await {
+                    tracing::warn!(function, message_id = %message.message_id, error = %e, "lock renewal failed");
+                }
+            }
+        }
     };
     let settled = if status.is_success() {
         bus.complete(&message.lock).await
