@@ -290,7 +290,10 @@ async fn raw_put_scenario(
         .ensure_container()
         .await
         .context("creating the container")?;
-    let body: Arc<[u8]> = template.replace(SHA_PLACEHOLDER, &"0".repeat(40)).into();
+    let body: Arc<[u8]> = template
+        .replace(SHA_PLACEHOLDER, &"0".repeat(40))
+        .into_bytes()
+        .into();
     let nonce = nonce();
     let measured = open_loop(settings, move |i| {
         let store = store.clone();

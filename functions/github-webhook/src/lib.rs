@@ -357,7 +357,12 @@ async fn create_run_for_commit(
         source,
         now,
     );
-    deps.runs.create(&run).await?;
+    // Concurrent deliveries of one commit all reach this point; `create` keeps
+    // the first record. Only the delivery whose record was stored audits the
+    // creation, and every delivery answers with the stored run.
+    if !deps.runs.create(&run).await? {
+        return Ok(deps.runs.get(app, &id).await?.unwrap_or(run));
+    }
     deps.audit(AuditEntry {
         at: now,
         actor: NAME.into(),

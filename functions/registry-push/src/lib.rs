@@ -130,6 +130,11 @@ async fn handle_event(event: &RegistryEvent, deps: &Deps) -> Result<String, Regi
         return Ok(format!("event {}: duplicate", event.id));
     }
     let line = match event.action {
+        // buildx pushes each platform's manifest untagged, then the tagged
+        // index: only tagged pushes start or advance runs.
+        RegistryAction::ImagePushed if event.tag.is_none() => {
+            format!("event {}: untagged manifest {digest} ignored", event.id)
+        }
         RegistryAction::ImagePushed => on_pushed(event, app, &digest, deps).await?,
         _ => on_deleted(event, app, &digest, deps).await?,
     };
@@ -193,14 +198,17 @@ async fn on_pushed(
                     source,
                     now,
                 );
-                deps.runs.create(&run).await.map_err(record)?;
-                deps.audit(audit(
-                    "run.created",
-                    app,
-                    &id,
-                    serde_json::json!({"source": "registry", "event": event.id}),
-                ))
-                .await;
+                // Concurrent deliveries all get here; only the one whose record
+                // was stored audits the creation.
+                if deps.runs.create(&run).await.map_err(record)? {
+                    deps.audit(audit(
+                        "run.created",
+                        app,
+                        &id,
+                        serde_json::json!({"source": "registry", "event": event.id}),
+                    ))
+                    .await;
+                }
             }
             id
         }
@@ -213,11 +221,13 @@ async fn on_pushed(
             match &run.image {
                 Some(existing) if existing.digest == *digest => Ok(false),
                 Some(_) => {
-                    // Unreachable by construction (correlate never returns a run
-                    // holding another digest), but never overwrite a verdict's digest.
-                    Err(PipelineError::UpdateRefused {
-                        run: run.id.to_string(),
-                        reason: "run already holds another digest".into(),
+                    // Another digest for the same commit won the race since
+                    // `correlate` looked. Never overwrite a verdict's digest:
+                    // report contention, so the redelivery correlates again and
+                    // forks a run for this digest (a rebuild).
+                    Err(PipelineError::Contention {
+                        name: blobs::run(&run.app, &run.id),
+                        attempts: 1,
                     })
                 }
                 None if run.status.is_terminal() => {
@@ -296,7 +306,12 @@ async fn correlate(
     deps: &Deps,
 ) -> Result<Option<RunId>, PipelineError> {
     if let Some(id) = deps.runs.by_digest(&app.name, digest).await? {
-        return Ok(Some(id));
+        // The index is written before the run it names. A missing run is being
+        // created by a concurrent delivery or was lost in a crash: the creation
+        // paths below claim this same id and (re)create it.
+        if deps.runs.get(&app.name, &id).await?.is_some() {
+            return Ok(Some(id));
+        }
     }
     let Some(tag) = event.tag.as_deref() else {
         return Ok(None);
@@ -322,7 +337,13 @@ async fn correlate(
         Some(run) if run.image.as_ref().is_some_and(|i| i.digest != *digest) => {
             fork_run_for_rebuild(&run, digest, deps).await.map(Some)
         }
-        _ => Ok(Some(id)),
+        Some(_) => Ok(Some(id)),
+        // The push is being recorded right now (its commit index is written
+        // before its run): transient, so the host redelivers in a moment.
+        None => Err(PipelineError::Contention {
+            name: blobs::run(&app.name, &id),
+            attempts: 1,
+        }),
     }
 }
 
@@ -342,7 +363,17 @@ async fn fork_run_for_rebuild(
             run.source.clone(),
             now,
         );
-        deps.runs.create(&fresh).await?;
+        if deps.runs.create(&fresh).await? {
+            deps.audit(AuditEntry {
+                at: now,
+                actor: NAME.into(),
+                action: "run.created".into(),
+                app: Some(run.app.clone()),
+                run: Some(id.clone()),
+                detail: serde_json::json!({"source": "rebuild", "of": run.id, "digest": digest}),
+            })
+            .await;
+        }
     }
     Ok(id)
 }
@@ -362,16 +393,33 @@ async fn on_deleted(
         Ok(None) => None,
         Err(e) => return Err(record(e.into())),
     };
-    let current = deployed.and_then(|d| d.current);
-    let Some(current) = current.filter(|c| c.digest == *digest) else {
-        return Ok(format!("{digest} deleted; not deployed"));
+    let deployed = deployed.unwrap_or_default();
+    // The running digest: nodes can no longer pull it (scale-out, node
+    // replacement fail). The rollback target: a rollback would fail.
+    let (current, severity, kind, why) = match (deployed.current, deployed.previous) {
+        (Some(c), _) if c.digest == *digest => (
+            c,
+            Severity::High,
+            "image-deleted",
+            format!("while {} runs it: nodes can no longer pull it", app.name),
+        ),
+        (_, Some(p)) if p.digest == *digest => (
+            p,
+            Severity::Warning,
+            "rollback-target-deleted",
+            format!(
+                "but it is the rollback target of {}: a rollback would fail",
+                app.name
+            ),
+        ),
+        _ => return Ok(format!("{digest} deleted; not deployed")),
     };
     let mut alert = Alert::new(
-        "image-deleted",
-        Severity::High,
+        kind,
+        severity,
         format!(
-            "{}/{}@{digest} was deleted from the registry while {} runs it: nodes can no longer pull it",
-            event.registry, event.repository, app.name
+            "{}/{}@{digest} was deleted from the registry {why}",
+            event.registry, event.repository
         ),
     );
     alert.app = Some(app.name.clone());
@@ -382,7 +430,7 @@ async fn on_deleted(
             event: event.id.clone(),
             source,
         })?
-        .with_id(format!("{}:image-deleted", current.run_id));
+        .with_id(format!("{}:{kind}", current.run_id));
     deps.send(message)
         .await
         .map_err(|source| RegistryPushError::Queue {
@@ -390,13 +438,15 @@ async fn on_deleted(
             source,
         })?;
     deps.audit(audit(
-        "image.deleted-while-deployed",
+        &format!("image.{kind}"),
         app,
         &current.run_id,
         serde_json::json!({"digest": digest}),
     ))
     .await;
-    Ok(format!("{digest} deleted while deployed; alert queued"))
+    Ok(format!(
+        "{digest} deleted while deployed; {kind} alert queued"
+    ))
 }
 
 fn audit(action: &str, app: &AppConfig, run: &RunId, detail: serde_json::Value) -> AuditEntry {

@@ -153,7 +153,9 @@ impl RunStore {
 
     /// Creates a run (and its id index). Creating the same run twice is a no-op,
     /// so a redelivered event that re-creates "its" run changes nothing.
-    pub async fn create(&self, run: &Run) -> Result<(), PipelineError> {
+    /// Returns `true` only for the call that stored the record (the one that
+    /// should audit the creation).
+    pub async fn create(&self, run: &Run) -> Result<bool, PipelineError> {
         let body = serde_json::to_vec_pretty(run).map_err(|e| PipelineError::Decode {
             name: blobs::run(&run.app, &run.id),
             message: e.to_string(),
@@ -164,12 +166,15 @@ impl RunStore {
                 .create(&blobs::run_index(&run.id), run.app.as_str().as_bytes())
                 .await,
         )?;
-        ignore_conflict(
-            self.store
-                .create(&blobs::run(&run.app, &run.id), &body)
-                .await,
-        )?;
-        Ok(())
+        match self
+            .store
+            .create(&blobs::run(&run.app, &run.id), &body)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Applies `change` to a run with compare-and-swap, retrying on lost races.
