@@ -611,10 +611,9 @@ impl Server {
     /// since the process was spawned.
     async fn wait_healthy(&mut self, client: &reqwest::Client, url: &str) -> Result<Duration> {
         loop {
-            if let Ok(response) = client.get(url).send().await {
-                if response.status() == reqwest::StatusCode::OK {
-                    return Ok(self.spawned.elapsed());
-                }
+            let response = client.get(url).send().await;
+            if response.is_ok_and(|r| r.status() == reqwest::StatusCode::OK) {
+                return Ok(self.spawned.elapsed());
             }
             if let Some(status) = self.child.try_wait()? {
                 bail!("the {} exited with {status} before answering", self.what);
@@ -747,16 +746,14 @@ fn render(settings: &Settings, rows: &[Row], memory: &[Memory], starts: &[Durati
             mib(m.peak_kib)
         );
     }
-    let lag = rows
-        .iter()
-        .map(|r| r.measured.max_send_lag)
-        .max()
-        .unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "| load generator: worst send lag behind schedule (included in latencies) | {} ms |",
-        ms(lag)
-    );
+    if let Some(worst) = rows.iter().max_by_key(|r| r.measured.max_send_lag) {
+        let _ = writeln!(
+            out,
+            "| load generator: worst send lag behind schedule (included in latencies) | {} ms ({}) |",
+            ms(worst.measured.max_send_lag),
+            worst.scenario
+        );
+    }
     for row in rows {
         if let Some(e) = &row.measured.first_error {
             let _ = writeln!(out, "\nFirst error of \"{}\": {e}", row.scenario);

@@ -26,7 +26,7 @@ use tower::ServiceExt as _;
 /// Flags of `gantry dev`.
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
-    /// gantry.toml to use; without it, the embedded example configuration.
+    /// gantry.toml to use; default ./gantry.toml if present, else the embedded example.
     #[arg(long, env = "GANTRY_CONFIG")]
     config: Option<PathBuf>,
     /// Port on 127.0.0.1 (dev never listens beyond loopback).
@@ -53,7 +53,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr} (is another gantry dev running? try --port)"))?;
-    let config = crate::wiring::load_config(args.config.as_deref())?;
+    // --config, else ./gantry.toml when present, else the embedded example.
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from("gantry.toml")).filter(|p| p.is_file()));
+    let config = crate::wiring::load_config(config_path.as_deref())?;
     let store = crate::wiring::open_store(&args.store).await?;
     let options = QueueOptions {
         lock_duration: Duration::from_secs(args.lock_seconds.max(1)),
@@ -105,6 +110,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  health    GET  http://{addr}/api/health");
     println!("  queues    POST http://{addr}/dev/queues/{{queue}}   GET http://{addr}/dev/queues");
     println!("  state     {state}");
+    println!(
+        "  config    {} ({} apps)",
+        config_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "embedded example gantry.toml".into()),
+        deps.config.apps.len()
+    );
     println!("  queues at {}", args.store.state.join("queues").display());
     println!(
         "  functions {}",

@@ -3,6 +3,8 @@
 //! Unknown keys are an error that names the key (a typo in a security setting
 //! must never be silently ignored).
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
 use crate::error::PipelineError;
@@ -15,6 +17,303 @@ pub struct Config {
     /// Applications gantry delivers.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// Scan gate defaults and the CVE allow-list (`[scan]`).
+    #[serde(default)]
+    pub scan: ScanConfig,
+    /// Policy gate settings (`[policy]`).
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Directory of the configuration file: relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// Where vulnerability findings come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScanSource {
+    /// Microsoft Defender for Containers, through Azure Resource Graph.
+    Defender,
+    /// A Trivy JSON report uploaded by CI (`scans/{digest}.trivy.json`).
+    Trivy,
+}
+
+/// Vulnerability severity, ordered.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SeverityLevel {
+    /// Unknown / unrated.
+    Unknown,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+    /// Critical.
+    Critical,
+}
+
+impl SeverityLevel {
+    /// Every level, lowest first.
+    pub const ALL: [SeverityLevel; 5] = [
+        SeverityLevel::Unknown,
+        SeverityLevel::Low,
+        SeverityLevel::Medium,
+        SeverityLevel::High,
+        SeverityLevel::Critical,
+    ];
+
+    /// Parses a scanner's spelling case-insensitively (`HIGH`, `High`, `high`);
+    /// anything unrecognised is `Unknown`.
+    pub fn parse_lenient(s: &str) -> SeverityLevel {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "critical" => SeverityLevel::Critical,
+            "high" => SeverityLevel::High,
+            "medium" | "moderate" => SeverityLevel::Medium,
+            "low" | "negligible" => SeverityLevel::Low,
+            _ => SeverityLevel::Unknown,
+        }
+    }
+
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeverityLevel::Unknown => "unknown",
+            SeverityLevel::Low => "low",
+            SeverityLevel::Medium => "medium",
+            SeverityLevel::High => "high",
+            SeverityLevel::Critical => "critical",
+        }
+    }
+}
+
+/// `[scan]`: defaults for every app, Defender settings and the allow-list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScanConfig {
+    /// Default source.
+    #[serde(default = "default_source")]
+    pub source: ScanSource,
+    /// Block at or above this severity.
+    #[serde(default = "default_threshold")]
+    pub threshold: SeverityLevel,
+    /// Ignore findings without a fixed version.
+    #[serde(default)]
+    pub ignore_unfixed: bool,
+    /// How long "no results yet" is waited for before failing closed (`4h`, `30m`, `90s`).
+    #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
+    pub max_wait: std::time::Duration,
+    /// Folder of `{digest}.trivy.json` reports read by `gantry dev` (relative to
+    /// this file); the store's `scans/{digest}.trivy.json` is read first.
+    #[serde(default)]
+    pub trivy_dir: Option<PathBuf>,
+    /// Defender for Containers through Azure Resource Graph.
+    #[serde(default)]
+    pub defender: DefenderConfig,
+    /// Accepted vulnerabilities (`[[scan.allow]]`).
+    #[serde(default)]
+    pub allow: Vec<AllowEntry>,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        ScanConfig {
+            source: default_source(),
+            threshold: default_threshold(),
+            ignore_unfixed: false,
+            max_wait: default_max_wait(),
+            trivy_dir: None,
+            defender: DefenderConfig::default(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// `[scan.defender]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DefenderConfig {
+    /// Subscriptions Resource Graph queries (the registry's subscription).
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    /// Resource Graph endpoint (tests point it at a local fake).
+    #[serde(default = "default_arg_endpoint")]
+    pub endpoint: String,
+}
+
+fn default_arg_endpoint() -> String {
+    "https://management.azure.com".to_string()
+}
+
+/// One accepted vulnerability.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// CVE or advisory id (`CVE-2024-3094`, `GHSA-...`).
+    pub id: String,
+    /// Apps it applies to; empty means every app.
+    #[serde(default)]
+    pub apps: Vec<AppName>,
+    /// Last day (UTC) it applies; afterwards it is ignored and a warning is raised.
+    #[serde(deserialize_with = "de_date")]
+    pub expires: time::Date,
+    /// Why it is accepted (shown on the run).
+    pub reason: String,
+}
+
+/// `[apps.scan]`: per-app overrides of `[scan]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppScan {
+    /// Source override.
+    pub source: Option<ScanSource>,
+    /// Threshold override.
+    pub threshold: Option<SeverityLevel>,
+    /// `ignore_unfixed` override.
+    pub ignore_unfixed: Option<bool>,
+    /// `max_wait` override.
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub max_wait: Option<std::time::Duration>,
+}
+
+/// The scan settings in force for one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanSettings {
+    /// Source.
+    pub source: ScanSource,
+    /// Block at or above.
+    pub threshold: SeverityLevel,
+    /// Ignore unfixed findings.
+    pub ignore_unfixed: bool,
+    /// Fail closed after this long without results.
+    pub max_wait: std::time::Duration,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Folder of extra ConstraintTemplates and Constraints (YAML), relative to this file.
+    #[serde(default)]
+    pub folder: Option<PathBuf>,
+    /// Whether gantry's built-in policies apply.
+    #[serde(default = "default_true")]
+    pub builtin: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            folder: None,
+            builtin: true,
+        }
+    }
+}
+
+/// Container resources (Kubernetes quantities).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU request.
+    #[serde(default = "default_cpu_request")]
+    pub cpu_request: String,
+    /// CPU limit.
+    #[serde(default = "default_cpu_limit")]
+    pub cpu_limit: String,
+    /// Memory request.
+    #[serde(default = "default_memory_request")]
+    pub memory_request: String,
+    /// Memory limit.
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit: String,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu_request: default_cpu_request(),
+            cpu_limit: default_cpu_limit(),
+            memory_request: default_memory_request(),
+            memory_limit: default_memory_limit(),
+        }
+    }
+}
+
+fn default_cpu_request() -> String {
+    "100m".into()
+}
+fn default_cpu_limit() -> String {
+    "500m".into()
+}
+fn default_memory_request() -> String {
+    "128Mi".into()
+}
+fn default_memory_limit() -> String {
+    "256Mi".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_source() -> ScanSource {
+    ScanSource::Trivy
+}
+fn default_threshold() -> SeverityLevel {
+    SeverityLevel::High
+}
+fn default_max_wait() -> std::time::Duration {
+    std::time::Duration::from_secs(4 * 3600)
+}
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+
+/// Parses `90s`, `30m`, `4h`, `2d` (one number, one unit).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 30m, 4h, 2d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86400),
+        _ => return Err(format!("invalid duration {s:?}: unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_duration_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// Accepts a TOML date (`2026-12-31`) or a string holding one.
+fn de_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<time::Date, D::Error> {
+    let value = toml::Value::deserialize(d)?;
+    let text = match &value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Datetime(dt) if dt.time.is_none() && dt.offset.is_none() => dt.to_string(),
+        other => {
+            return Err(serde::de::Error::custom(format!(
+                "expected a date like 2026-12-31, got {other}"
+            )));
+        }
+    };
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(&text, &format)
+        .map_err(|e| serde::de::Error::custom(format!("invalid date {text:?}: {e}")))
 }
 
 /// One application: a GitHub repository, its image and where it runs.
@@ -42,6 +341,19 @@ pub struct AppConfig {
     /// Whether a run waits for an operator's approval before deploying.
     #[serde(default)]
     pub require_approval: bool,
+    /// Scan overrides (`[apps.scan]`).
+    #[serde(default)]
+    pub scan: AppScan,
+    /// Container resources (`[apps.resources]`).
+    #[serde(default)]
+    pub resources: Resources,
+    /// HTTP path of the liveness and readiness probes.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    /// Environment variables of the container (never secrets: those belong in
+    /// Key Vault / Kubernetes secrets, not in gantry.toml).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 fn default_branches() -> Vec<String> {
@@ -121,6 +433,76 @@ impl Config {
             if app.replicas == 0 || app.replicas > 100 {
                 return Err(invalid(format!("{}: must be 1-100", at("replicas"))));
             }
+            if !app.health_path.starts_with('/')
+                || app.health_path.len() > 200
+                || !app.health_path.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(format!(
+                    "{}: must be an absolute URL path",
+                    at("health_path")
+                )));
+            }
+            for (key, q) in [
+                ("resources.cpu_request", &app.resources.cpu_request),
+                ("resources.cpu_limit", &app.resources.cpu_limit),
+                ("resources.memory_request", &app.resources.memory_request),
+                ("resources.memory_limit", &app.resources.memory_limit),
+            ] {
+                if !valid_quantity(q) {
+                    return Err(invalid(format!(
+                        "{}: {q:?} is not a Kubernetes quantity",
+                        at(key)
+                    )));
+                }
+            }
+            for name in app.env.keys() {
+                let ok = !name.is_empty()
+                    && name.len() <= 128
+                    && !name.starts_with(|c: char| c.is_ascii_digit())
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !ok {
+                    return Err(invalid(format!(
+                        "{}: {name:?} is not a valid variable name",
+                        at("env")
+                    )));
+                }
+            }
+        }
+        for (i, entry) in config.scan.allow.iter().enumerate() {
+            if entry.id.is_empty()
+                || entry.id.len() > 100
+                || !entry
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                return Err(invalid(format!(
+                    "scan.allow[{i}].id: {:?} is not a vulnerability id",
+                    entry.id
+                )));
+            }
+            if entry.reason.trim().is_empty() {
+                return Err(invalid(format!(
+                    "scan.allow[{i}].reason: an accepted vulnerability needs a reason"
+                )));
+            }
+            if let Some(unknown) = entry.apps.iter().find(|a| config.app(a.as_str()).is_none()) {
+                return Err(invalid(format!(
+                    "scan.allow[{i}].apps: unknown app {unknown:?}"
+                )));
+            }
+        }
+        if config.scan.source == ScanSource::Defender
+            || config
+                .apps
+                .iter()
+                .any(|a| a.scan.source == Some(ScanSource::Defender))
+        {
+            if config.scan.defender.subscriptions.is_empty() {
+                return Err(invalid(
+                    "scan.defender.subscriptions: the defender source needs at least one subscription".into(),
+                ));
+            }
         }
         Ok(config)
     }
@@ -131,7 +513,33 @@ impl Config {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.base_dir = path.parent().map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        });
+        Ok(config)
+    }
+
+    /// The scan settings in force for `app` (`[apps.scan]` over `[scan]`).
+    pub fn scan_settings(&self, app: &AppConfig) -> ScanSettings {
+        ScanSettings {
+            source: app.scan.source.unwrap_or(self.scan.source),
+            threshold: app.scan.threshold.unwrap_or(self.scan.threshold),
+            ignore_unfixed: app.scan.ignore_unfixed.unwrap_or(self.scan.ignore_unfixed),
+            max_wait: app.scan.max_wait.unwrap_or(self.scan.max_wait),
+        }
+    }
+
+    /// Resolves a configured path against the configuration file's directory.
+    pub fn resolve(&self, path: &std::path::Path) -> PathBuf {
+        match &self.base_dir {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path.to_path_buf(),
+        }
     }
 
     /// Looks an app up by name.
@@ -154,6 +562,21 @@ impl Config {
             host.eq_ignore_ascii_case(registry) && repo == repository
         })
     }
+}
+
+/// A Kubernetes resource quantity as gantry accepts it: digits with an optional
+/// fraction and one of the usual suffixes (`100m`, `0.5`, `128Mi`, `1G`).
+fn valid_quantity(v: &str) -> bool {
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (number, suffix) = v.split_at(split);
+    !number.is_empty()
+        && number.parse::<f64>().is_ok()
+        && matches!(
+            suffix,
+            "" | "m" | "k" | "M" | "G" | "T" | "Ki" | "Mi" | "Gi" | "Ti"
+        )
 }
 
 fn valid_repo(v: &str) -> bool {
@@ -254,5 +677,74 @@ image = "contoso.azurecr.io/web"
             let err = Config::parse(&bad, "g").unwrap_err().to_string();
             assert!(err.contains(key), "expected {key:?} in {err}");
         }
+    }
+
+    #[test]
+    fn scan_settings_and_allow_list() {
+        let text = format!(
+            "{GOOD}[apps.scan]\nthreshold = \"critical\"\nmax_wait = \"30m\"\n\n[scan]\nignore_unfixed = true\n\n[[scan.allow]]\nid = \"CVE-2024-3094\"\napps = [\"web\"]\nexpires = 2026-12-31\nreason = \"not reachable\"\n\n[[scan.allow]]\nid = \"GHSA-xxxx-yyyy\"\nexpires = \"2027-01-15\"\nreason = \"vendor fix pending\"\n"
+        );
+        let c = Config::parse(&text, "g").expect("parses");
+        let s = c.scan_settings(&c.apps[0]);
+        assert_eq!(s.threshold, SeverityLevel::Critical);
+        assert_eq!(s.max_wait, std::time::Duration::from_secs(1800));
+        assert!(s.ignore_unfixed);
+        assert_eq!(s.source, ScanSource::Trivy);
+        assert_eq!(c.scan.allow[0].expires, time::macros::date!(2026 - 12 - 31));
+        assert_eq!(c.scan.allow[1].expires, time::macros::date!(2027 - 01 - 15));
+        assert!(c.scan.allow[1].apps.is_empty());
+    }
+
+    #[test]
+    fn gate_settings_are_validated_by_name() {
+        for (bad, key) in [
+            (
+                format!("{GOOD}[apps.scan]\nmax_wait = \"4 hours\"\n"),
+                "max_wait",
+            ),
+            (
+                format!("{GOOD}[apps.scan]\nthreshold = \"severe\"\n"),
+                "threshold",
+            ),
+            (
+                format!(
+                    "{GOOD}[[scan.allow]]\nid = \"CVE-1\"\nexpires = 2026-13-01\nreason = \"x\"\n"
+                ),
+                "expires",
+            ),
+            (
+                format!(
+                    "{GOOD}[[scan.allow]]\nid = \"CVE-1\"\nexpires = 2026-12-01\nreason = \" \"\n"
+                ),
+                "scan.allow[0].reason",
+            ),
+            (
+                format!(
+                    "{GOOD}[[scan.allow]]\nid = \"CVE-1\"\napps = [\"nope\"]\nexpires = 2026-12-01\nreason = \"r\"\n"
+                ),
+                "unknown app",
+            ),
+            (
+                format!("{GOOD}[scan]\nsource = \"defender\"\n"),
+                "scan.defender.subscriptions",
+            ),
+            (
+                format!("{GOOD}[apps.resources]\ncpu_limit = \"lots\"\n"),
+                "resources.cpu_limit",
+            ),
+            (
+                format!("{GOOD}[apps.env]\n\"BAD-NAME\" = \"x\"\n"),
+                "apps[0].env",
+            ),
+            (format!("{GOOD}health_path = \"healthz\"\n"), "health_path"),
+            (format!("{GOOD}[policy]\nfolders = \"p\"\n"), "folders"),
+        ] {
+            let err = Config::parse(&bad, "g").unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key:?} in {err}");
+        }
+        assert_eq!(
+            parse_duration("2d"),
+            Ok(std::time::Duration::from_secs(172_800))
+        );
     }
 }
