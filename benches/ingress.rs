@@ -14,6 +14,8 @@
 //! * `POST /api/github` of the real `gantry dev` binary with its embedded store;
 //! * a raw `BlobStore::create` of 10 KB against Azurite;
 //! * `POST /api/github` of `gantry dev --storage <Azurite>`;
+//! * the last two again at a lower rate (Azurite, one Node.js thread, saturates
+//!   first), each Azurite scenario on a fresh Azurite;
 //!
 //! plus process start → first 200 on `/api/health`, and the gantry process's
 //! resident memory idle and at peak.
@@ -21,7 +23,8 @@
 //! Tunables (environment): `GANTRY_BENCH_RATE` (requests/s, default 200),
 //! `GANTRY_BENCH_SECS` (measured seconds, 10), `GANTRY_BENCH_WARMUP_SECS` (1),
 //! `GANTRY_BENCH_STARTS` (start-up samples, 10), `GANTRY_BENCH_TIMEOUT_SECS`
-//! (per request, 10).
+//! (per request, 10), `GANTRY_BENCH_AZURITE_LOW_RATE` (requests/s of the
+//! lower-rate Azurite pair, 50; 0 skips it).
 
 #![allow(missing_docs)]
 
@@ -68,16 +71,12 @@ fn main() -> Result<()> {
         settings.duration.as_secs_f64(),
         settings.warmup.as_secs_f64()
     );
-    // Blocking (a couple of seconds), so before the runtime exists.
-    let azurite = gantry_testkit::Azurite::start()
-        .context("starting Azurite (run `npm ci` in the workspace root first)")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("building the load generator's runtime")?;
-    let report = runtime.block_on(run_all(&settings, &azurite));
+    let report = runtime.block_on(run_all(&settings));
     drop(runtime);
-    drop(azurite);
     println!("{}", report?);
     Ok(())
 }
@@ -85,8 +84,11 @@ fn main() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Settings
 
+#[derive(Clone, Copy)]
 struct Settings {
     rate: f64,
+    /// Rate of the second, lower-rate pair of Azurite scenarios (0: none).
+    azurite_low_rate: f64,
     warmup: Duration,
     duration: Duration,
     starts: usize,
@@ -103,8 +105,13 @@ impl Settings {
             let s: f64 = env_or(name, default)?;
             Duration::try_from_secs_f64(s).with_context(|| format!("{name} must be >= 0"))
         };
+        let azurite_low_rate: f64 = env_or("GANTRY_BENCH_AZURITE_LOW_RATE", 50.0)?;
+        if !(azurite_low_rate.is_finite() && azurite_low_rate >= 0.0) {
+            bail!("GANTRY_BENCH_AZURITE_LOW_RATE must be a number of requests per second");
+        }
         Ok(Settings {
             rate,
+            azurite_low_rate,
             warmup: secs("GANTRY_BENCH_WARMUP_SECS", 1.0)?,
             duration: secs("GANTRY_BENCH_SECS", 10.0)?,
             starts: env_or("GANTRY_BENCH_STARTS", 10)?,
@@ -136,17 +143,18 @@ fn env_or<T: FromStr>(name: &str, default: T) -> Result<T> {
 /// One row of the latency table.
 struct Row {
     scenario: String,
+    rate: f64,
     measured: Measured,
 }
 
 /// Memory of one server process, in KiB.
 struct Memory {
-    who: &'static str,
+    who: String,
     idle_kib: u64,
     peak_kib: u64,
 }
 
-async fn run_all(settings: &Settings, azurite: &gantry_testkit::Azurite) -> Result<String> {
+async fn run_all(settings: &Settings) -> Result<String> {
     let template: Arc<str> = push_template()?.into();
     let mut rows = Vec::new();
     let mut memory = Vec::new();
@@ -161,18 +169,44 @@ async fn run_all(settings: &Settings, azurite: &gantry_testkit::Azurite) -> Resu
     rows.push(row);
     memory.push(mem);
 
-    eprintln!("ingress: raw Azurite put");
-    rows.push(raw_put_scenario(settings, azurite, &template).await?);
+    let mut azurite_rates = vec![settings.rate];
+    if settings.azurite_low_rate > 0.0 && settings.azurite_low_rate != settings.rate {
+        azurite_rates.push(settings.azurite_low_rate);
+    }
+    for rate in azurite_rates {
+        let at = Settings { rate, ..*settings };
+        eprintln!("ingress: raw Azurite put at {rate} req/s");
+        let azurite = start_azurite().await?;
+        let row = raw_put_scenario(&at, &azurite, &template).await;
+        stop_azurite(azurite).await;
+        rows.push(row?);
 
-    eprintln!("ingress: gantry dev --storage Azurite");
-    let (row, mem) = gantry_scenario(settings, &template, Some(azurite)).await?;
-    rows.push(row);
-    memory.push(mem);
+        eprintln!("ingress: gantry dev --storage Azurite at {rate} req/s");
+        let azurite = start_azurite().await?;
+        let result = gantry_scenario(&at, &template, Some(&azurite)).await;
+        stop_azurite(azurite).await;
+        let (row, mem) = result?;
+        rows.push(row);
+        memory.push(mem);
+    }
 
     eprintln!("ingress: start-up x{}", settings.starts);
     let starts = startup_scenario(settings.starts).await?;
 
     Ok(render(settings, &rows, &memory, &starts))
+}
+
+/// A fresh Azurite, so no scenario inherits another's backlog or blobs.
+async fn start_azurite() -> Result<gantry_testkit::Azurite> {
+    tokio::task::spawn_blocking(gantry_testkit::Azurite::start)
+        .await
+        .context("the Azurite starter panicked")?
+        .context("starting Azurite (run `npm ci` in the workspace root first)")
+}
+
+/// Stops Azurite off the runtime's workers (dropping it waits for the process).
+async fn stop_azurite(azurite: gantry_testkit::Azurite) {
+    let _ = tokio::task::spawn_blocking(move || drop(azurite)).await;
 }
 
 async fn hello_scenario(settings: &Settings, template: &Arc<str>) -> Result<(Row, Memory)> {
@@ -205,10 +239,11 @@ async fn hello_scenario(settings: &Settings, template: &Arc<str>) -> Result<(Row
     Ok((
         Row {
             scenario: "bare axum hello, separate process (`POST /`)".into(),
+            rate: settings.rate,
             measured,
         },
         Memory {
-            who: "bare axum hello",
+            who: "bare axum hello".into(),
             idle_kib,
             peak_kib,
         },
@@ -264,9 +299,11 @@ async fn gantry_scenario(
             "gantry dev, Azurite",
         ),
     };
+    let who = format!("{who}, {} req/s", settings.rate);
     Ok((
         Row {
             scenario: scenario.into(),
+            rate: settings.rate,
             measured,
         },
         Memory {
@@ -310,6 +347,7 @@ async fn raw_put_scenario(
     .await?;
     Ok(Row {
         scenario: "raw Azurite put (`BlobStore::create`, 10 KB)".into(),
+        rate: settings.rate,
         measured,
     })
 }
@@ -703,8 +741,7 @@ fn render(settings: &Settings, rows: &[Row], memory: &[Memory], starts: &[Durati
     let cell = |d: Option<Duration>| d.map_or_else(|| "–".to_string(), ms);
     let _ = writeln!(
         out,
-        "\n### Ingress, open loop at {} req/s, {} s measured after {} s warm-up, {} B bodies\n",
-        settings.rate,
+        "\n### Ingress, open loop, {} s measured after {} s warm-up, {} B bodies\n",
         settings.duration.as_secs_f64(),
         settings.warmup.as_secs_f64(),
         BODY_BYTES
@@ -720,7 +757,7 @@ fn render(settings: &Settings, rows: &[Row], memory: &[Memory], starts: &[Durati
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
             row.scenario,
-            settings.rate,
+            row.rate,
             m.sent,
             m.errors,
             cell(percentile(&m.ok, 0.50)),
@@ -756,7 +793,11 @@ fn render(settings: &Settings, rows: &[Row], memory: &[Memory], starts: &[Durati
     }
     for row in rows {
         if let Some(e) = &row.measured.first_error {
-            let _ = writeln!(out, "\nFirst error of \"{}\": {e}", row.scenario);
+            let _ = writeln!(
+                out,
+                "\nFirst error of \"{}\" at {} req/s: {e}",
+                row.scenario, row.rate
+            );
         }
     }
     let _ = writeln!(out, "\nMachine: {}", machine());

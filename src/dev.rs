@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
 /// Flags of `gantry dev`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 pub struct DevArgs {
     /// gantry.toml to use; default ./gantry.toml if present, else the embedded example.
     #[arg(long, env = "GANTRY_CONFIG")]
@@ -44,6 +44,9 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
 }
+
+/// `maxAutoLockRenewalDuration` of host.json.
+const MAX_LOCK_RENEWAL: Duration = Duration::from_secs(300);
 
 /// Largest body `POST /dev/queues/{queue}` accepts (Service Bus standard tier: 256 KiB).
 const MAX_DEV_MESSAGE: usize = 256 * 1024;
@@ -152,6 +155,7 @@ async fn enqueue(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    guard_local(&headers)?;
     if !QUEUES.contains(&queue.as_str()) {
         return Err(ApiError::not_found(format!(
             "unknown queue {queue:?}; queues: {}",
@@ -196,6 +200,44 @@ async fn enqueue(
         axum::Json(serde_json::json!({"queue": queue, "message_id": message_id})),
     )
         .into_response())
+}
+
+/// The dev host listens on loopback, but a browser on the same machine can
+/// still reach it: a page could POST (a "simple" request needs no preflight) or
+/// rebind its DNS name to 127.0.0.1. Requiring a JSON content type forces a
+/// CORS preflight (which is never granted), and checking `Host` defeats DNS
+/// rebinding.
+fn guard_local(headers: &HeaderMap) -> Result<(), ApiError> {
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let hostname = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    if !matches!(hostname, "127.0.0.1" | "localhost" | "[::1]") {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "dev endpoints answer only requests addressed to 127.0.0.1 or localhost",
+        ));
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("application/json")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the message with Content-Type: application/json",
+        ));
+    }
+    Ok(())
 }
 
 async fn list_queues(State(bus): State<Arc<EmbeddedBus>>) -> axum::Json<serde_json::Value> {
@@ -304,10 +346,13 @@ async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, mess
         }
     };
     tokio::pin!(invoke);
+    // Like the host, stop renewing after maxAutoLockRenewalDuration (5 min): a
+    // hung invocation then loses its lock and the message is redelivered.
+    let renew_until = tokio::time::Instant::now() + MAX_LOCK_RENEWAL;
     let status = loop {
         tokio::select! {
             status = &mut invoke => break status,
-            _ = tokio::time::sleep(renew_every) => {
+            _ = tokio::time::sleep(renew_every), if tokio::time::Instant::now() < renew_until => {
                 if let Err(e) = bus.renew_lock(&message.lock).await {
                     tracing::warn!(function, message_id = %message.message_id, error = %e, "lock renewal failed");
                 }

@@ -46,7 +46,8 @@ enum Command {
 }
 
 /// Where state lives, shared by `dev` and `runs`.
-#[derive(clap::Args, Clone, Debug)]
+/// No `Debug`: `--storage` may hold a connection string with an account key.
+#[derive(clap::Args, Clone)]
 pub struct StoreArgs {
     /// Directory of the embedded store and queues.
     #[arg(long, default_value = ".gantry", env = "GANTRY_STATE")]

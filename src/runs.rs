@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use gantry_pipeline::{AppName, Run, RunId, RunStatus, RunStore};
 
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand)]
 pub enum RunsCommand {
     /// List runs, newest first.
     List {

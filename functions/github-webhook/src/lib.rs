@@ -34,6 +34,14 @@ pub const NAME: &str = "github-webhook";
 /// GitHub caps webhook payloads at 25 MB; anything bigger is not from GitHub.
 pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
 
+/// Bodies up to this size (declared by Content-Length) are read without a permit.
+pub const SMALL_BODY_BYTES: u64 = 1024 * 1024;
+
+/// How many larger bodies may be buffered at once.
+pub const LARGE_BODY_PERMITS: usize = 4;
+
+static LARGE_BODIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LARGE_BODY_PERMITS);
+
 /// The function's registration.
 pub fn function() -> Function {
     Function::http(NAME, "github", &["post"], routes)
@@ -54,6 +62,9 @@ pub enum WebhookError {
     /// Body larger than [`MAX_BODY_BYTES`].
     #[error("payload larger than {MAX_BODY_BYTES} bytes")]
     ReadBodyTooLarge,
+    /// Too many large deliveries are being read at once.
+    #[error("too many large deliveries in flight; retry later")]
+    ReadBodyBusy,
     /// The connection failed while reading the body.
     #[error("reading the request body failed: {0}")]
     ReadBody(String),
@@ -89,7 +100,7 @@ impl WebhookError {
     /// Whether GitHub (or an operator) redelivering may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            WebhookError::ReadBody(_) => true,
+            WebhookError::ReadBody(_) | WebhookError::ReadBodyBusy => true,
             WebhookError::Record(e) => e.is_transient(),
             WebhookError::Queue(e) => e.is_transient(),
             _ => false,
@@ -103,6 +114,7 @@ impl From<WebhookError> for ApiError {
         let (status, code) = match &e {
             WebhookError::ReadBodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             WebhookError::ReadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
+            WebhookError::ReadBodyBusy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             WebhookError::VerifyNotConfigured => {
                 (StatusCode::SERVICE_UNAVAILABLE, "not_configured")
             }
@@ -178,6 +190,19 @@ async fn handle(
     {
         return Err(WebhookError::ReadBodyTooLarge);
     }
+    // Bodies are buffered before the HMAC can be checked, so unauthenticated
+    // callers could make us hold 25 MiB each: large (or unsized) bodies take a
+    // permit from a small pool, bounding that memory to LARGE_BODY_PERMITS × 25 MiB.
+    let declared = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    let _permit = if declared.is_some_and(|n| n <= SMALL_BODY_BYTES) {
+        None
+    } else {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), LARGE_BODIES.acquire()).await
+        {
+            Ok(Ok(permit)) => Some(permit),
+            _ => return Err(WebhookError::ReadBodyBusy),
+        }
+    };
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|e| {
@@ -329,9 +354,6 @@ async fn create_run_for_commit(
     let candidate =
         gantry_pipeline::ids::new_run_id((now.unix_timestamp_nanos() / 1_000_000) as u64);
     let id = deps.runs.claim_commit(app, sha, &candidate).await?;
-    if let Some(existing) = deps.runs.get(app, &id).await? {
-        return Ok(existing);
-    }
     let source = Source {
         kind: SourceKind::Github,
         repo: Some(push.repository.full_name.clone()),
@@ -350,6 +372,23 @@ async fn create_run_for_commit(
             .and_then(|c| c.message.lines().next())
             .map(|l| l.chars().take(200).collect()),
     };
+    if let Some(existing) = deps.runs.get(app, &id).await? {
+        if existing.source.delivery.is_some() {
+            return Ok(existing);
+        }
+        // registry-push repaired this run from a dangling commit index (a push
+        // that failed half-way): fill in what only the push knows.
+        return Ok(deps
+            .runs
+            .update(app, &id, |run| {
+                if run.source.delivery.is_some() {
+                    return Ok(false);
+                }
+                run.source = source.clone();
+                Ok(true)
+            })
+            .await?);
+    }
     let run = Run::new(
         id.clone(),
         app.clone(),
@@ -401,9 +440,30 @@ async fn on_workflow_run(
         .unwrap_or_else(|| "workflow".into());
     let mut runs = Vec::new();
     for app in deps.config.apps_for_repo(&event.repository.full_name) {
+        // Only the workflows that build this app's image, run for a push to a
+        // tracked branch, speak for its runs: a failing lint on a pull request
+        // or a scheduled job must not fail a delivery.
+        let wr = &event.workflow_run;
+        let is_build = app.ci_workflows.is_empty()
+            || wr
+                .name
+                .as_ref()
+                .is_some_and(|n| app.ci_workflows.contains(n));
+        let on_push = wr.event.as_deref().is_none_or(|e| e == "push")
+            && wr
+                .head_branch
+                .as_deref()
+                .is_none_or(|b| app.tracks_ref(&format!("refs/heads/{b}")));
+        if !is_build || !on_push {
+            continue;
+        }
         let Some(id) = deps.runs.by_commit(&app.name, &sha).await? else {
             continue;
         };
+        if deps.runs.get(&app.name, &id).await?.is_none() {
+            // A push that failed half-way: nothing to fail yet.
+            continue;
+        }
         let summary = format!("{workflow} concluded {conclusion}");
         let mut changed = false;
         let run = deps

@@ -82,10 +82,7 @@ impl Harness {
                 github_webhook: secret.map(Secret::new),
             },
         };
-        let router = gantry_runtime::app(
-            Arc::new(deps),
-            &[fn_github_webhook::function(), fn_registry_push::function()],
-        );
+        let router = gantry_runtime::app(Arc::new(deps), &[fn_github_webhook::function()]);
         Ok(Harness {
             _dir: dir,
             store,
@@ -802,5 +799,49 @@ async fn a_monorepo_push_starts_one_run_per_app() -> Result<()> {
         );
     }
     assert_eq!(h.audit().await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_build_workflows_for_a_tracked_push_fail_a_run() -> Result<()> {
+    // A failing pull_request workflow on the same sha, a failure on an
+    // untracked branch, and a workflow that is not the configured build all
+    // leave the run alone.
+    let config = format!("{CONFIG}ci_workflows = [\"build-and-push\"]\n");
+    let h = Harness::with(&config, Some(SECRET)).await?;
+    let (_, pushed) = h.deliver("push", DELIVERY, &read(PUSH)?).await?;
+    let id = run_id_of(&pushed)?;
+    let variants: [(&str, Value); 3] = [
+        ("event", json!("pull_request")),
+        ("head_branch", json!("feature/x")),
+        ("name", json!("lint")),
+    ];
+    for (i, (field, value)) in variants.into_iter().enumerate() {
+        let mut wr = read_json(WORKFLOW_FAILED)?;
+        wr["workflow_run"][field] = value;
+        let (status, reply) = h
+            .deliver(
+                "workflow_run",
+                &format!("dddddddd-0000-4000-8000-00000000000{i}"),
+                &serde_json::to_vec(&wr)?,
+            )
+            .await?;
+        assert_eq!(status, StatusCode::ACCEPTED, "{field}: {reply}");
+        assert_eq!(reply["status"], "ignored", "{field}: {reply}");
+    }
+    let runs = h.runs.list(None, None, 10).await?;
+    assert_eq!(runs[0].id.as_str(), id);
+    assert_eq!(runs[0].status, RunStatus::AwaitingImage);
+    assert_eq!(h.bus.stats("alerts").await.active, 0);
+
+    // The configured build workflow failing on the tracked push does fail it.
+    let (_, reply) = h
+        .deliver(
+            "workflow_run",
+            "dddddddd-0000-4000-8000-000000000009",
+            &read(WORKFLOW_FAILED)?,
+        )
+        .await?;
+    assert_eq!(reply["runs"][0]["status"], "failed", "{reply}");
     Ok(())
 }

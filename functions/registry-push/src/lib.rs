@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use gantry_bus::OutMessage;
-use gantry_events::acr::{RegistryAction, RegistryEvent, decode_registry_events};
+use gantry_events::acr::{Item, RegistryAction, RegistryEvent, decode_registry_events};
 use gantry_pipeline::messages::Deployed;
 use gantry_pipeline::run::steps;
 use gantry_pipeline::runs::blobs;
@@ -37,9 +37,9 @@ pub fn function() -> Function {
     )
 }
 
-/// One message: one or more registry events.
-#[derive(Debug, Clone)]
-pub struct RegistryMessage(pub Vec<RegistryEvent>);
+/// One message: one or more registry events, each decoded on its own.
+#[derive(Debug)]
+pub struct RegistryMessage(pub Vec<Item>);
 
 impl FromMessage for RegistryMessage {
     fn from_message(body: &[u8]) -> Result<Self, String> {
@@ -52,6 +52,20 @@ impl FromMessage for RegistryMessage {
 /// Why an event could not be processed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryPushError {
+    /// An item of the message is not a registry event of a known schema.
+    #[error("event #{index}: {message}")]
+    ParseEvent {
+        /// Position in the message.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Writing the rejection record of a bad event failed (retry the message).
+    #[error("recording a rejected event failed: {message}")]
+    RecordRejection {
+        /// What went wrong.
+        message: String,
+    },
     /// The event names a digest that is not `sha256:` + 64 hex.
     #[error("event {event}: {source}")]
     ParseDigest {
@@ -81,7 +95,8 @@ pub enum RegistryPushError {
 impl FunctionError for RegistryPushError {
     fn is_transient(&self) -> bool {
         match self {
-            RegistryPushError::ParseDigest { .. } => false,
+            RegistryPushError::ParseDigest { .. } | RegistryPushError::ParseEvent { .. } => false,
+            RegistryPushError::RecordRejection { .. } => true,
             RegistryPushError::Record { source, .. } => source.is_transient(),
             RegistryPushError::Queue { source, .. } => source.is_transient(),
         }
@@ -89,13 +104,49 @@ impl FunctionError for RegistryPushError {
 }
 
 /// Handles one message (lambda style).
+///
+/// Events are processed one by one. A bad event (undecodable, invalid digest)
+/// is recorded as rejected and the others still run; a transient failure fails
+/// the whole message, so the host redelivers it (events already processed are
+/// claimed and skipped on the next delivery).
 pub async fn handle(
     inv: Invocation<RegistryMessage>,
     deps: &Deps,
 ) -> Result<Done, RegistryPushError> {
     let mut lines = Vec::new();
-    for event in &inv.event.0 {
-        lines.push(handle_event(event, deps).await?);
+    for item in &inv.event.0 {
+        let outcome = match &item.event {
+            Ok(event) => handle_event(event, deps).await,
+            Err(e) => Err(RegistryPushError::ParseEvent {
+                index: item.index,
+                message: e.to_string(),
+            }),
+        };
+        match outcome {
+            Ok(line) => lines.push(line),
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                let reason = e.to_string();
+                // Keyed by the event id (or message id + position), so a
+                // redelivery maps to the same record and alert.
+                let key = match (&item.id, &inv.meta.message_id) {
+                    (Some(id), _) => Some(id.clone()),
+                    (None, Some(m)) => Some(format!("{m}-{}", item.index)),
+                    (None, None) => None,
+                };
+                gantry_runtime::record_rejection(
+                    deps,
+                    NAME,
+                    key.as_deref(),
+                    inv.meta.delivery_count,
+                    item.raw.as_bytes(),
+                    &reason,
+                )
+                .await
+                .map_err(|message| RegistryPushError::RecordRejection { message })?;
+                lines.push(format!("rejected: {reason}"));
+            }
+        }
     }
     Ok(Done(lines.join("; ")))
 }
@@ -162,55 +213,30 @@ async fn on_pushed(
         tag: event.tag.clone(),
         digest: digest.clone(),
     };
-    let run_id = correlate(event, app, digest, deps).await.map_err(record)?;
-    let id = match run_id {
-        Some(id) => id,
-        None => {
-            // No push knows this image: a run with source `registry`, keyed by
-            // the digest so a redelivery finds it instead of making another.
-            let now = OffsetDateTime::now_utc();
-            let candidate = gantry_pipeline::ids::new_run_id(unix_ms(now));
-            let id = deps
-                .runs
-                .claim_digest(&app.name, digest, &candidate)
+    let target = owner_of(event, app, digest, deps).await.map_err(record)?;
+    let id = match target {
+        Owner::Run(id) => id,
+        Owner::Duplicate { run, of } => {
+            // The same image already travels on another run (e.g. two commits
+            // that build byte-identical images): record it here, go no further.
+            let summary = format!("image {digest} is already delivered by run {of}");
+            deps.runs
+                .update(&app.name, &run, |r| {
+                    if r.status == RunStatus::Superseded {
+                        return Ok(false);
+                    }
+                    r.image = Some(image.clone());
+                    r.status = RunStatus::Superseded;
+                    let now = OffsetDateTime::now_utc();
+                    r.steps.insert(
+                        steps::SCAN.into(),
+                        Step::finished(StepStatus::Skipped, now, summary.clone()),
+                    );
+                    Ok(true)
+                })
                 .await
                 .map_err(record)?;
-            if deps
-                .runs
-                .get(&app.name, &id)
-                .await
-                .map_err(record)?
-                .is_none()
-            {
-                let source = Source {
-                    kind: SourceKind::Registry,
-                    repo: None,
-                    commit: None,
-                    git_ref: None,
-                    pusher: None,
-                    delivery: Some(event.id.clone()),
-                    message: None,
-                };
-                let run = Run::new(
-                    id.clone(),
-                    app.name.clone(),
-                    RunStatus::AwaitingImage,
-                    source,
-                    now,
-                );
-                // Concurrent deliveries all get here; only the one whose record
-                // was stored audits the creation.
-                if deps.runs.create(&run).await.map_err(record)? {
-                    deps.audit(audit(
-                        "run.created",
-                        app,
-                        &id,
-                        serde_json::json!({"source": "registry", "event": event.id}),
-                    ))
-                    .await;
-                }
-            }
-            id
+            return Ok(format!("run {run}: superseded, {summary}"));
         }
     };
     let mut note = None;
@@ -221,10 +247,10 @@ async fn on_pushed(
             match &run.image {
                 Some(existing) if existing.digest == *digest => Ok(false),
                 Some(_) => {
-                    // Another digest for the same commit won the race since
-                    // `correlate` looked. Never overwrite a verdict's digest:
-                    // report contention, so the redelivery correlates again and
-                    // forks a run for this digest (a rebuild).
+                    // Another digest for the same commit won the race since we
+                    // looked. Never overwrite a verdict's digest: report
+                    // contention, so the redelivery looks again and forks a run
+                    // for this digest (a rebuild).
                     Err(PipelineError::Contention {
                         name: blobs::run(&run.app, &run.id),
                         attempts: 1,
@@ -246,11 +272,6 @@ async fn on_pushed(
                 }
             }
         })
-        .await
-        .map_err(record)?;
-    // Index the digest (idempotent; may already point here).
-    deps.runs
-        .claim_digest(&app.name, digest, &id)
         .await
         .map_err(record)?;
     deps.audit(audit(
@@ -296,55 +317,235 @@ async fn on_pushed(
     ))
 }
 
-/// Finds the run this image belongs to: the run already holding the digest, or
-/// the run of the commit the tag names when it has no image yet. `None` means
-/// "start a registry run".
-async fn correlate(
+/// Which run an image push belongs to.
+enum Owner {
+    /// This run records the image and goes on to the gates.
+    Run(RunId),
+    /// `run` (of the tagged commit) found the digest already delivered by `of`.
+    Duplicate {
+        /// The commit's run.
+        run: RunId,
+        /// The run that owns the digest.
+        of: RunId,
+    },
+}
+
+/// Decides the run of a pushed image, the same way whatever order its events
+/// arrive in (CI pushes `:<sha>` and `:latest` together; ACR sends one event per
+/// tag, handled concurrently).
+///
+/// The digest index `index/digests/{app}/{digest}` is the single owner record:
+/// every path claims it (create-if-absent) and acts on the winner. A commit run
+/// named by the tag takes over from a `registry` run that won the race but has
+/// not reached the cluster; anything else keeps the owner it found.
+async fn owner_of(
     event: &RegistryEvent,
     app: &AppConfig,
     digest: &Digest,
     deps: &Deps,
-) -> Result<Option<RunId>, PipelineError> {
-    if let Some(id) = deps.runs.by_digest(&app.name, digest).await? {
-        // The index is written before the run it names. A missing run is being
-        // created by a concurrent delivery or was lost in a crash: the creation
-        // paths below claim this same id and (re)create it.
-        if deps.runs.get(&app.name, &id).await?.is_some() {
-            return Ok(Some(id));
+) -> Result<Owner, PipelineError> {
+    let commit_run = commit_run_for_tag(event, app, deps).await?;
+    match commit_run {
+        // A second image for the same commit (a rebuild) gets its own run, so
+        // each run's verdicts always belong to exactly one digest.
+        Some(run) if run.image.as_ref().is_some_and(|i| i.digest != *digest) => {
+            fork_run_for_rebuild(&run, digest, deps)
+                .await
+                .map(Owner::Run)
+        }
+        Some(run) => {
+            let winner = deps.runs.claim_digest(&app.name, digest, &run.id).await?;
+            if winner == run.id {
+                return Ok(Owner::Run(run.id));
+            }
+            take_over(&run, &winner, digest, deps).await
+        }
+        None => {
+            let candidate = gantry_pipeline::ids::new_run_id(unix_ms(OffsetDateTime::now_utc()));
+            let winner = deps
+                .runs
+                .claim_digest(&app.name, digest, &candidate)
+                .await?;
+            ensure_registry_run(event, app, &winner, deps).await?;
+            Ok(Owner::Run(winner))
         }
     }
+}
+
+/// The run of the commit the tag names (full sha, or an unambiguous
+/// abbreviation), re-created when its commit index outlived a failed push.
+async fn commit_run_for_tag(
+    event: &RegistryEvent,
+    app: &AppConfig,
+    deps: &Deps,
+) -> Result<Option<Run>, PipelineError> {
     let Some(tag) = event.tag.as_deref() else {
         return Ok(None);
     };
-    let by_commit = if let Ok(sha) = CommitSha::parse(tag) {
-        deps.runs.by_commit(&app.name, &sha).await?
+    let found = if let Ok(sha) = CommitSha::parse(tag) {
+        deps.runs
+            .by_commit(&app.name, &sha)
+            .await?
+            .map(|id| (sha, id))
     } else if gantry_pipeline::names::is_short_sha(tag) {
         let matches = deps.runs.by_short_sha(&app.name, tag).await?;
         // An ambiguous abbreviation correlates with nothing rather than a guess.
-        match matches.as_slice() {
-            [(_, id)] => Some(id.clone()),
-            _ => None,
+        match <[_; 1]>::try_from(matches) {
+            Ok([only]) => Some(only),
+            Err(_) => None,
         }
     } else {
         None
     };
-    let Some(id) = by_commit else {
+    let Some((sha, id)) = found else {
         return Ok(None);
     };
-    match deps.runs.get(&app.name, &id).await? {
-        // A second image for the same commit (a rebuild) gets its own run, so
-        // each run's verdicts always belong to exactly one digest.
-        Some(run) if run.image.as_ref().is_some_and(|i| i.digest != *digest) => {
-            fork_run_for_rebuild(&run, digest, deps).await.map(Some)
-        }
-        Some(_) => Ok(Some(id)),
-        // The push is being recorded right now (its commit index is written
-        // before its run): transient, so the host redelivers in a moment.
-        None => Err(PipelineError::Contention {
-            name: blobs::run(&app.name, &id),
-            attempts: 1,
-        }),
+    if let Some(run) = deps.runs.get(&app.name, &id).await? {
+        return Ok(Some(run));
     }
+    // The push claimed the commit index and then failed (or is being recorded
+    // right now). GitHub does not redeliver by itself, so repair here: create
+    // the run from what we know. A late webhook finds it and fills in the rest.
+    let now = OffsetDateTime::now_utc();
+    let source = Source {
+        kind: SourceKind::Github,
+        repo: Some(app.repo.clone()),
+        commit: Some(sha),
+        git_ref: None,
+        pusher: None,
+        delivery: None,
+        message: None,
+    };
+    let run = Run::new(
+        id.clone(),
+        app.name.clone(),
+        RunStatus::AwaitingImage,
+        source,
+        now,
+    );
+    if deps.runs.create(&run).await? {
+        deps.audit(audit(
+            "run.repaired",
+            app,
+            &id,
+            serde_json::json!({"reason": "commit index without run", "event": event.id}),
+        ))
+        .await;
+    }
+    deps.runs.get(&app.name, &id).await
+}
+
+/// Creates the `registry` run the digest index names, unless it exists (the
+/// index is written first, so a crash or a concurrent delivery can leave it
+/// dangling for a moment).
+async fn ensure_registry_run(
+    event: &RegistryEvent,
+    app: &AppConfig,
+    id: &RunId,
+    deps: &Deps,
+) -> Result<(), PipelineError> {
+    if deps.runs.get(&app.name, id).await?.is_some() {
+        return Ok(());
+    }
+    let source = Source {
+        kind: SourceKind::Registry,
+        repo: None,
+        commit: None,
+        git_ref: None,
+        pusher: None,
+        delivery: Some(event.id.clone()),
+        message: None,
+    };
+    let run = Run::new(
+        id.clone(),
+        app.name.clone(),
+        RunStatus::AwaitingImage,
+        source,
+        OffsetDateTime::now_utc(),
+    );
+    // Concurrent deliveries all get here; only the one whose record was stored
+    // audits the creation.
+    if deps.runs.create(&run).await? {
+        deps.audit(audit(
+            "run.created",
+            app,
+            id,
+            serde_json::json!({"source": "registry", "event": event.id}),
+        ))
+        .await;
+    }
+    Ok(())
+}
+
+/// The commit's run found the digest owned by `owner`. A `registry` run (no
+/// commit: it came from a non-commit tag such as `latest`) that has not reached
+/// the cluster hands the digest over and is superseded; any other owner keeps it.
+async fn take_over(
+    commit_run: &Run,
+    owner: &RunId,
+    digest: &Digest,
+    deps: &Deps,
+) -> Result<Owner, PipelineError> {
+    let app = &commit_run.app;
+    let Some(current) = deps.runs.get(app, owner).await? else {
+        // The owner is being created right now: look again on redelivery.
+        return Err(PipelineError::Contention {
+            name: blobs::run(app, owner),
+            attempts: 1,
+        });
+    };
+    let replaceable = current.source.kind == SourceKind::Registry
+        && matches!(
+            current.status,
+            RunStatus::AwaitingImage
+                | RunStatus::Scanning
+                | RunStatus::CheckingPolicy
+                | RunStatus::AwaitingApproval
+                | RunStatus::Superseded
+        );
+    if !replaceable {
+        return Ok(Owner::Duplicate {
+            run: commit_run.id.clone(),
+            of: owner.clone(),
+        });
+    }
+    // Re-point the digest index at the commit run (compare-and-swap: only if it
+    // still names the registry run), then supersede the registry run.
+    let name = blobs::digest_index(app, digest);
+    if let Some(v) = deps.runs.raw().get(&name).await? {
+        if String::from_utf8_lossy(&v.body).trim() == owner.as_str() {
+            deps.runs
+                .raw()
+                .replace(&name, commit_run.id.as_str().as_bytes(), &v.etag)
+                .await?;
+        } else if String::from_utf8_lossy(&v.body).trim() != commit_run.id.as_str() {
+            return Err(PipelineError::Contention { name, attempts: 1 });
+        }
+    }
+    let summary = format!("image {digest} belongs to run {} of commit", commit_run.id);
+    deps.runs
+        .update(app, owner, |r| {
+            if r.status == RunStatus::Superseded {
+                return Ok(false);
+            }
+            r.status = RunStatus::Superseded;
+            let now = OffsetDateTime::now_utc();
+            let mut step = Step::finished(StepStatus::Skipped, now, summary.clone());
+            step.details = serde_json::json!({"superseded_by": commit_run.id});
+            r.steps.insert("superseded".into(), step);
+            Ok(true)
+        })
+        .await?;
+    deps.audit(AuditEntry {
+        at: OffsetDateTime::now_utc(),
+        actor: NAME.into(),
+        action: "run.superseded".into(),
+        app: Some(app.clone()),
+        run: Some(owner.clone()),
+        detail: serde_json::json!({"by": commit_run.id, "digest": digest}),
+    })
+    .await;
+    Ok(Owner::Run(commit_run.id.clone()))
 }
 
 async fn fork_run_for_rebuild(
@@ -388,8 +589,16 @@ async fn on_deleted(
         event: event.id.clone(),
         source,
     };
-    let deployed: Option<Deployed> = match deps.runs.raw().get(&blobs::deployed(&app.name)).await {
-        Ok(Some(v)) => serde_json::from_slice(&v.body).ok(),
+    let name = blobs::deployed(&app.name);
+    let deployed: Option<Deployed> = match deps.runs.raw().get(&name).await {
+        // An unreadable record must not look like "not deployed": that would
+        // silently swallow a security-relevant alert.
+        Ok(Some(v)) => Some(serde_json::from_slice(&v.body).map_err(|e| {
+            record(PipelineError::Decode {
+                name: name.clone(),
+                message: e.to_string(),
+            })
+        })?),
         Ok(None) => None,
         Err(e) => return Err(record(e.into())),
     };

@@ -679,13 +679,14 @@ async fn an_invalid_digest_is_rejected_recorded_and_alerted() -> Result<()> {
     );
     assert!(log_line(&reply)?.starts_with("rejected:"), "{reply}");
 
-    // The MessageId arrived JSON-encoded twice; the record is keyed by the real id.
-    let key = message_id.to_ascii_lowercase();
+    // The bad event is rejected on its own, keyed by its event id (the
+    // MessageId arrived JSON-encoded twice and is not the key of one event).
+    let key = EVENT_ID.to_ascii_lowercase();
     let name = format!("rejected/registry-push/{key}.json");
     assert_eq!(h.names("rejected/").await?, vec![name.clone()]);
     let record: Value = serde_json::from_str(&h.blob(&name).await?)?;
     assert_eq!(record["function"], "registry-push");
-    assert_eq!(record["message_id"], message_id);
+    assert_eq!(record["message_id"], EVENT_ID);
     assert_eq!(record["delivery_count"], 3);
     let reason = record["reason"].as_str().context("reason")?;
     assert!(
@@ -830,7 +831,7 @@ async fn a_transient_store_failure_is_retried_by_the_host_until_it_succeeds() ->
     let id = h.push(SHA, "11111111-2222-4333-8444-555555555555").await?;
     let body = std::fs::read(PUSHED)?;
 
-    // The very first write (recording the image on the run) fails.
+    // The very first write (claiming the digest index) fails.
     h.store.fail_writes(0, 1);
     let (status, reply) = h.deliver(&body, EVENT_ID, 1).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
@@ -841,16 +842,18 @@ async fn a_transient_store_failure_is_retried_by_the_host_until_it_succeeds() ->
         (RunStatus::AwaitingImage, true)
     );
     assert!(scan_messages(&h).await.is_empty());
+    assert!(h.names("index/digests/").await?.is_empty());
 
-    // Next delivery: the run update passes, indexing the digest fails — a
-    // crash half-way through the event.
+    // Next delivery: the digest is indexed, recording the image on the run
+    // fails — a crash half-way through the event.
     h.store.fail_writes(1, 1);
     let (status, reply) = h.deliver(&body, EVENT_ID, 2).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
-    assert_eq!(h.run(&id).await?.status, RunStatus::Scanning);
+    assert_eq!(h.run(&id).await?.status, RunStatus::AwaitingImage);
+    assert_eq!(h.names("index/digests/").await?.len(), 1);
     assert!(
         scan_messages(&h).await.is_empty(),
-        "scan is queued only after indexing"
+        "scan is queued only after the image is recorded"
     );
     assert!(h.names("dedup/registry/").await?.is_empty(), "not claimed");
     assert!(
@@ -943,9 +946,10 @@ async fn a_crash_between_indexing_and_creating_a_registry_run_is_repaired() -> R
 }
 
 #[tokio::test]
-async fn an_image_event_racing_its_push_is_retried_not_rejected() -> Result<()> {
+async fn an_image_event_after_a_half_recorded_push_repairs_the_run() -> Result<()> {
     let h = Harness::new().await?;
-    // The webhook claimed the commit index but has not written the run yet.
+    // The webhook claimed the commit index, then failed before writing the run
+    // (GitHub will not redeliver by itself).
     h.store.fail_writes(1, 1);
     let delivery = "11111111-2222-4333-8444-555555555555";
     assert!(
@@ -955,27 +959,105 @@ async fn an_image_event_racing_its_push_is_retried_not_rejected() -> Result<()> 
     assert!(!h.names("index/commits/web/").await?.is_empty());
     assert!(h.runs().await?.is_empty());
 
+    // The image event repairs the commit's run and hands it to the scan gate.
     let body = std::fs::read(PUSHED)?;
     let (status, reply) = h.deliver(&body, EVENT_ID, 1).await?;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
-    assert!(log_line(&reply)?.starts_with("transient:"), "{reply}");
-    assert!(h.names("rejected/").await?.is_empty(), "not rejected");
-    assert!(
-        h.runs().await?.is_empty(),
-        "no registry run in the push's place"
-    );
-    h.assert_quiet(&[], "image before its push").await?;
-
-    // GitHub redelivers the push, then the host the image event.
-    let id = h.push(SHA, delivery).await?;
-    let (status, reply) = h.deliver(&body, EVENT_ID, 2).await?;
     assert_eq!(status, StatusCode::OK, "{reply}");
     let runs = h.runs().await?;
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].id.as_str(), id);
+    assert_eq!(runs.len(), 1, "{runs:#?}");
     assert_eq!(runs[0].source.kind, SourceKind::Github);
+    assert_eq!(
+        runs[0].source.commit.as_ref().map(|c| c.as_str()),
+        Some(SHA)
+    );
+    assert_eq!(runs[0].source.delivery, None, "only the push knows it");
     assert_eq!(runs[0].status, RunStatus::Scanning);
     assert_eq!(scan_messages(&h).await.len(), 1);
+    assert!(h.names("rejected/").await?.is_empty(), "not rejected");
+
+    // An operator redelivers the push: same run, now with the push's facts.
+    let id = h.push(SHA, delivery).await?;
+    assert_eq!(runs[0].id.as_str(), id);
+    let run = h.run(&id).await?;
+    assert_eq!(run.source.delivery.as_deref(), Some(delivery));
+    assert_eq!(run.source.pusher.as_deref(), Some("monalisa"));
+    assert_eq!(run.status, RunStatus::Scanning, "progress is kept");
+    assert_eq!(h.runs().await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_tags_of_one_digest_make_one_run_in_either_order() -> Result<()> {
+    for commit_tag_first in [true, false] {
+        let h = Harness::new().await?;
+        let id = h.push(SHA, "11111111-2222-4333-8444-555555555555").await?;
+        let by_sha = bytes(&pushed(
+            "e0000000-0000-4000-8000-000000000001",
+            Some(SHA),
+            DIGEST,
+        )?)?;
+        let latest = bytes(&pushed(
+            "e0000000-0000-4000-8000-000000000002",
+            Some("latest"),
+            DIGEST,
+        )?)?;
+        let order = if commit_tag_first {
+            [&by_sha, &latest]
+        } else {
+            [&latest, &by_sha]
+        };
+        for (i, body) in order.into_iter().enumerate() {
+            h.deliver_ok(body, &format!("m-{i}")).await?;
+        }
+        let runs = h.runs().await?;
+        let live: Vec<_> = runs
+            .iter()
+            .filter(|r| r.status != RunStatus::Superseded)
+            .collect();
+        assert_eq!(
+            live.len(),
+            1,
+            "commit first = {commit_tag_first}: {runs:#?}"
+        );
+        assert_eq!(live[0].id.as_str(), id, "the commit's run owns the image");
+        assert_eq!(live[0].status, RunStatus::Scanning);
+        assert_eq!(
+            h.blob(&format!("index/digests/web/{DIGEST}")).await?.trim(),
+            id
+        );
+        // The `latest`-first order made a registry run first; it is superseded.
+        assert_eq!(runs.len(), if commit_tag_first { 1 } else { 2 });
+        let scans: Vec<_> = scan_messages(&h)
+            .await
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        assert!(scans.contains(&format!("{id}:scan:1")), "{scans:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_bad_event_in_an_array_does_not_drop_the_others() -> Result<()> {
+    let h = Harness::new().await?;
+    let id = h.push(SHA, "11111111-2222-4333-8444-555555555555").await?;
+    let good = pushed(EVENT_ID, Some(SHA), DIGEST)?;
+    let bad = pushed(
+        "bad00000-0000-4000-8000-000000000000",
+        Some("v1"),
+        "sha256:nope",
+    )?;
+    let both = json!([bad[0].clone(), good[0].clone()]);
+    let line = h.deliver_ok(&bytes(&both)?, "m-1").await?;
+    assert!(
+        line.contains("rejected") && line.contains("scan queued"),
+        "{line}"
+    );
+    assert_eq!(h.run(&id).await?.status, RunStatus::Scanning);
+    assert_eq!(
+        h.names("rejected/").await?,
+        vec!["rejected/registry-push/bad00000-0000-4000-8000-000000000000.json".to_string()]
+    );
     Ok(())
 }
 

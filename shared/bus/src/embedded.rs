@@ -1011,7 +1011,9 @@ fn write_atomic(tmp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(tmp, target)
+        std::fs::rename(tmp, target)?;
+        // The rename is durable only once the directory entry is on disk.
+        sync_dir(target)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(tmp);
@@ -1028,10 +1030,21 @@ fn append_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.sync_data()
 }
 
+/// fsyncs the directory holding `path`, so a rename or removal in it survives
+/// a power loss (file contents alone are synced by `sync_all`).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 fn remove_if_exists(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(_) => Ok(()),
+        // A completed message must not come back after a power loss.
+        Ok(()) => sync_dir(path),
     }
 }
 

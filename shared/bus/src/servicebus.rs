@@ -265,11 +265,18 @@ impl MessageBus for ServiceBusRest {
     }
 }
 
-/// Throttling, timeouts and server errors pass; a bad request, a refused
-/// credential, a missing queue or an oversized message will not.
+/// Throttling, timeouts and server errors pass. So, usually, do a refused
+/// credential or a missing queue: those are infrastructure faults (a role
+/// assignment still propagating, a rotated key, a queue not deployed yet), and
+/// classifying them permanent would make gantry acknowledge — and so drop — the
+/// event that tried to send. Retried, they end in the dead-letter queue with a
+/// record. Only a malformed or oversized message is the message's own fault.
 fn status_is_transient(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
+        || status == StatusCode::NOT_FOUND
         || status.is_server_error()
 }
 

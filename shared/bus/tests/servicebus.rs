@@ -288,9 +288,10 @@ async fn status_codes_map_to_permanent_or_transient() -> Result<()> {
     let bus = ServiceBusRest::connect(&fake.connection_string(), None, reqwest::Client::new())?;
     for (status, transient) in [
         (400, false),
-        (401, false),
-        (403, false),
-        (404, false),
+        // Infrastructure faults: retried, then dead-lettered with a record.
+        (401, true),
+        (403, true),
+        (404, true),
         (410, false),
         (413, false),
         (408, true),
@@ -320,7 +321,7 @@ async fn errors_never_contain_the_key_or_the_token() -> Result<()> {
         .await
         .err()
         .context("401 must fail")?;
-    assert!(!error.is_transient());
+    assert!(error.is_transient(), "a refused credential is retried");
     let auth = header(&fake.requests()[0], "authorization")?.to_string();
     let sig = auth
         .split('&')

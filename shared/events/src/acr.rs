@@ -106,9 +106,24 @@ pub struct RegistryEvent {
 const PUSHED: &str = "Microsoft.ContainerRegistry.ImagePushed";
 const DELETED: &str = "Microsoft.ContainerRegistry.ImageDeleted";
 
+/// One item of a registry message: decoded on its own, so one bad event never
+/// takes the valid ones in the same message down with it.
+#[derive(Debug)]
+pub struct Item {
+    /// Position in the message (0 for a single event).
+    pub index: usize,
+    /// The item's `id`, when it has one (the rejection key of a bad item).
+    pub id: Option<String>,
+    /// The item as received, re-serialised (kept for rejection records).
+    pub raw: String,
+    /// The decoded event, or why it could not be decoded.
+    pub event: Result<RegistryEvent, EventError>,
+}
+
 /// Decodes a Service Bus message body holding one event or an array of events,
-/// in the Event Grid or CloudEvents 1.0 schema.
-pub fn decode_registry_events(body: &[u8]) -> Result<Vec<RegistryEvent>, EventError> {
+/// in the Event Grid or CloudEvents 1.0 schema. The outer error means the body
+/// as a whole is unusable (not JSON, empty array); each item carries its own result.
+pub fn decode_registry_events(body: &[u8]) -> Result<Vec<Item>, EventError> {
     let value: Value = decode("registry event", body)?;
     let items = match value {
         Value::Array(items) => items,
@@ -120,7 +135,16 @@ pub fn decode_registry_events(body: &[u8]) -> Result<Vec<RegistryEvent>, EventEr
             message: "empty array".into(),
         });
     }
-    items.into_iter().map(decode_one).collect()
+    Ok(items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| Item {
+            index,
+            id: item.get("id").and_then(Value::as_str).map(str::to_string),
+            raw: item.to_string(),
+            event: decode_one(item),
+        })
+        .collect())
 }
 
 fn decode_one(item: Value) -> Result<RegistryEvent, EventError> {
@@ -197,6 +221,13 @@ fn registry_from_resource_id(id: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn events(body: &str) -> Result<Vec<RegistryEvent>, EventError> {
+        decode_registry_events(body.as_bytes())?
+            .into_iter()
+            .map(|i| i.event)
+            .collect()
+    }
+
     fn event_grid() -> Value {
         serde_json::json!({
             "id": "831e1650-001e-001b-66ab-eeb76e069631",
@@ -215,7 +246,7 @@ mod tests {
 
     #[test]
     fn event_grid_single_and_array() {
-        let one = decode_registry_events(event_grid().to_string().as_bytes()).expect("decodes");
+        let one = events(&event_grid().to_string()).expect("decodes");
         let many = decode_registry_events(
             serde_json::json!([event_grid(), event_grid()])
                 .to_string()
@@ -233,7 +264,7 @@ mod tests {
     fn registry_host_falls_back_to_topic() {
         let mut e = event_grid();
         e["data"]["request"] = serde_json::json!({});
-        let got = decode_registry_events(e.to_string().as_bytes()).expect("decodes");
+        let got = events(&e.to_string()).expect("decodes");
         assert_eq!(got[0].registry, "contoso.azurecr.io");
     }
 
@@ -244,10 +275,34 @@ mod tests {
             "source": "/subscriptions/0/resourceGroups/rg/providers/Microsoft.ContainerRegistry/registries/contoso",
             "data": {"action": "delete", "target": {"digest": "sha256:bb", "repository": "web"}}
         });
-        let got = decode_registry_events(e.to_string().as_bytes()).expect("decodes");
+        let got = events(&e.to_string()).expect("decodes");
         assert_eq!(got[0].action, RegistryAction::ImageDeleted);
         assert_eq!(got[0].tag, None);
         assert_eq!(got[0].id, "ce-1");
+    }
+
+    #[test]
+    fn one_bad_item_does_not_spoil_the_others() {
+        let mut bad = event_grid();
+        bad["id"] = serde_json::json!("bad-1");
+        bad["data"]["target"] = serde_json::json!({});
+        let items = decode_registry_events(
+            serde_json::json!([event_grid(), bad])
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("the message decodes");
+        assert!(items[0].event.is_ok());
+        assert_eq!(items[1].id.as_deref(), Some("bad-1"));
+        assert_eq!(items[1].index, 1);
+        assert!(
+            items[1]
+                .event
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("digest")
+        );
     }
 
     #[test]
@@ -264,9 +319,7 @@ mod tests {
                 "specversion",
             ),
         ] {
-            let err = decode_registry_events(body.as_bytes())
-                .unwrap_err()
-                .to_string();
+            let err = events(body).unwrap_err().to_string();
             assert!(err.contains(needle), "{body}: {err}");
         }
     }

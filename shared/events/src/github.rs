@@ -92,6 +92,9 @@ pub struct WorkflowRun {
     /// The branch it ran on.
     #[serde(default)]
     pub head_branch: Option<String>,
+    /// What triggered it (`push`, `pull_request`, `schedule`, ...).
+    #[serde(default)]
+    pub event: Option<String>,
     /// `queued`, `in_progress`, `completed`, ...
     pub status: String,
     /// `success`, `failure`, `cancelled`, `timed_out`, ... once completed.

@@ -341,6 +341,11 @@ pub struct AppConfig {
     /// Whether a run waits for an operator's approval before deploying.
     #[serde(default)]
     pub require_approval: bool,
+    /// Names of the GitHub Actions workflows that build the image; a failed run
+    /// of one of them fails the commit's run. Empty: any workflow run for a
+    /// push to a tracked branch.
+    #[serde(default)]
+    pub ci_workflows: Vec<String>,
     /// Scan overrides (`[apps.scan]`).
     #[serde(default)]
     pub scan: AppScan,
@@ -492,17 +497,16 @@ impl Config {
                 )));
             }
         }
-        if config.scan.source == ScanSource::Defender
+        let uses_defender = config.scan.source == ScanSource::Defender
             || config
                 .apps
                 .iter()
-                .any(|a| a.scan.source == Some(ScanSource::Defender))
-        {
-            if config.scan.defender.subscriptions.is_empty() {
-                return Err(invalid(
-                    "scan.defender.subscriptions: the defender source needs at least one subscription".into(),
-                ));
-            }
+                .any(|a| a.scan.source == Some(ScanSource::Defender));
+        if uses_defender && config.scan.defender.subscriptions.is_empty() {
+            return Err(invalid(
+                "scan.defender.subscriptions: the defender source needs at least one subscription"
+                    .into(),
+            ));
         }
         Ok(config)
     }

@@ -259,12 +259,23 @@ pub fn app(deps: Arc<Deps>, functions: &[Function]) -> Router {
                 };
                 router = router.route(
                     &format!("/{name}"),
-                    post(
-                        move |State(deps): State<Arc<Deps>>, body: axum::body::Bytes| {
-                            invoke_envelope(name, binding, handler.clone(), deps, body)
-                        },
-                    )
-                    .layer(DefaultBodyLimit::max(MAX_ENVELOPE_BYTES)),
+                    post(move |State(deps): State<Arc<Deps>>, body: axum::body::Body| {
+                        let handler = handler.clone();
+                        async move {
+                            // Read with our own limit, so an oversized envelope gets a
+                            // JSON error like every other refusal.
+                            match axum::body::to_bytes(body, MAX_ENVELOPE_BYTES).await {
+                                Ok(bytes) => invoke_envelope(name, binding, handler, deps, bytes).await,
+                                Err(_) => ApiError::new(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "envelope_too_large",
+                                    format!("invocation envelope larger than {MAX_ENVELOPE_BYTES} bytes"),
+                                )
+                                .into_response(),
+                            }
+                        }
+                    })
+                    .layer(DefaultBodyLimit::disable()),
                 );
             }
             Kind::Http(routes) => router = router.merge(routes()),
@@ -272,6 +283,13 @@ pub fn app(deps: Arc<Deps>, functions: &[Function]) -> Router {
     }
     router
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
         .with_state(deps)
 }
 
@@ -295,10 +313,17 @@ async fn invoke_envelope(
         }
     };
     let meta = MessageMeta::from_metadata(&request.metadata);
-    let outcome = match envelope::message_bytes(&request.data, binding, false) {
-        Ok(bytes) => handler(bytes, meta.clone(), deps.clone()).await,
-        Err(e) => Outcome::Rejected(format!("bad message: {}", e.0)),
+    let (outcome, payload) = match envelope::message_bytes(&request.data, binding, false) {
+        Ok(bytes) => (
+            handler(bytes.clone(), meta.clone(), deps.clone()).await,
+            bytes,
+        ),
+        Err(e) => (
+            Outcome::Rejected(format!("bad message: {}", e.0)),
+            body.to_vec(),
+        ),
     };
+    let id = meta.message_id.as_deref();
     let (status, log) = match &outcome {
         Outcome::Done(line) => {
             tracing::info!(function = name, message_id = ?meta.message_id, "{line}");
@@ -306,6 +331,16 @@ async fn invoke_envelope(
         }
         Outcome::Retry(reason) => {
             tracing::warn!(function = name, message_id = ?meta.message_id, delivery_count = meta.delivery_count, "transient failure, will be redelivered: {reason}");
+            if meta.delivery_count >= max_delivery_count() {
+                // The host dead-letters after this delivery: leave a record and
+                // an alert, so the event is not lost without a trace.
+                let why = format!("gave up after {} deliveries: {reason}", meta.delivery_count);
+                if let Err(e) =
+                    record_rejection(&deps, name, id, meta.delivery_count, &payload, &why).await
+                {
+                    tracing::error!(function = name, error = %e, "recording the dead-lettered message failed");
+                }
+            }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("transient: {reason}"),
@@ -313,8 +348,8 @@ async fn invoke_envelope(
         }
         Outcome::Rejected(reason) => {
             tracing::error!(function = name, message_id = ?meta.message_id, "rejected: {reason}");
-            match record_rejection(name, &meta, &body, reason, &deps).await {
-                Ok(()) => (StatusCode::OK, format!("rejected: {reason}")),
+            match record_rejection(&deps, name, id, meta.delivery_count, &payload, reason).await {
+                Ok(_) => (StatusCode::OK, format!("rejected: {reason}")),
                 // Could not record why: do not acknowledge, or the event is lost
                 // without a trace. Redelivery ends in the dead-letter queue.
                 Err(e) => (
@@ -331,29 +366,48 @@ async fn invoke_envelope(
     (status, axum::Json(response)).into_response()
 }
 
-/// Records a permanently failed message at `rejected/{function}/{key}.json` and
-/// in the audit trail, and queues an alert, so nothing is acknowledged silently.
-async fn record_rejection(
-    function: &str,
-    meta: &MessageMeta,
-    envelope: &[u8],
-    reason: &str,
+/// `MaxDeliveryCount` of the queues (`GANTRY_MAX_DELIVERY_COUNT`, default 10,
+/// as in Service Bus): on that delivery a transient failure is recorded too.
+pub fn max_delivery_count() -> u32 {
+    static MAX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("GANTRY_MAX_DELIVERY_COUNT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(10)
+    })
+}
+
+/// Records a message (or one event of it) that gantry will not process, at
+/// `rejected/{function}/{key}.json`, in the audit trail, and as an `alerts`
+/// message, so nothing is acknowledged or dead-lettered silently.
+///
+/// `id` is the message or event id (the key); without one, the key is the
+/// SHA-256 of `payload`, so a redelivery maps to the same record and alert.
+/// Returns the record's blob name.
+pub async fn record_rejection(
     deps: &Deps,
-) -> Result<(), String> {
+    function: &str,
+    id: Option<&str>,
+    delivery_count: u32,
+    payload: &[u8],
+    reason: &str,
+) -> Result<String, String> {
     use sha2::Digest as _;
-    let key = match &meta.message_id {
+    let key = match id {
         Some(id) => gantry_pipeline::names::event_key(id),
-        None => format!("h-{}", hex::encode(sha2::Sha256::digest(envelope))),
+        None => format!("h-{}", hex::encode(sha2::Sha256::digest(payload))),
     };
     let now = OffsetDateTime::now_utc();
     let record = serde_json::json!({
         "function": function,
-        "message_id": meta.message_id,
-        "delivery_count": meta.delivery_count,
+        "message_id": id,
+        "delivery_count": delivery_count,
         "reason": reason,
         "at": now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        // Keep the envelope (bounded) so an operator can see what was refused.
-        "envelope": String::from_utf8_lossy(&envelope[..envelope.len().min(64 * 1024)]),
+        // Keep the payload (bounded) so an operator can see what was refused.
+        "payload": String::from_utf8_lossy(&payload[..payload.len().min(64 * 1024)]),
     });
     let name = format!("rejected/{function}/{key}.json");
     let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
@@ -367,7 +421,7 @@ async fn record_rejection(
         action: "message.rejected".into(),
         app: None,
         run: None,
-        detail: serde_json::json!({"message_id": meta.message_id, "reason": reason, "record": name}),
+        detail: serde_json::json!({"message_id": id, "reason": reason, "record": name}),
     })
     .await;
     let mut alert = gantry_pipeline::Alert::new(
@@ -375,13 +429,13 @@ async fn record_rejection(
         gantry_pipeline::Severity::Warning,
         format!("{function} rejected a message: {reason}"),
     );
-    alert.detail =
-        serde_json::json!({"function": function, "message_id": meta.message_id, "record": name});
+    alert.detail = serde_json::json!({"function": function, "message_id": id, "record": name});
     let msg = OutMessage::json("alerts", &alert)
         .map_err(|e| e.to_string())?
         .with_id(format!(
             "rejected:{function}:{}",
             &key[..key.len().min(100)]
         ));
-    deps.send(msg).await.map_err(|e| e.to_string())
+    deps.send(msg).await.map_err(|e| e.to_string())?;
+    Ok(name)
 }

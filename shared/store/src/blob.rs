@@ -380,13 +380,21 @@ struct SasPolicy {
     source: SasSource,
 }
 
-/// Where the SAS comes from.
-#[derive(Debug)]
+/// Where the SAS comes from. `Debug` is written by hand: a SAS is a credential.
 enum SasSource {
     /// Given ready-made in the connection string; used as is.
     Static(String),
     /// Signed by us with the account key.
     Account(AccountSigner),
+}
+
+impl fmt::Debug for SasSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SasSource::Static(_) => f.write_str("Static(***)"),
+            SasSource::Account(signer) => f.debug_tuple("Account").field(signer).finish(),
+        }
+    }
 }
 
 /// Signs account SAS tokens with the account key and caches the current one.
@@ -547,7 +555,12 @@ fn error_code(e: &azure_core::Error) -> Option<&str> {
 /// connection, a token endpoint hiccup.
 fn is_transient(e: &azure_core::Error) -> bool {
     match status_of(e) {
-        Some(status) => status >= 500 || status == 408 || status == 429,
+        // 401/403: an infrastructure fault (role assignment propagating, expired
+        // SAS), not the caller's: retrying, and finally dead-lettering with a
+        // record, beats acknowledging the event as if it were bad input.
+        Some(status) => {
+            status >= 500 || status == 408 || status == 429 || status == 401 || status == 403
+        }
         None => matches!(
             e.kind(),
             ErrorKind::Io | ErrorKind::Connection | ErrorKind::Credential

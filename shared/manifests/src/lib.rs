@@ -1,0 +1,787 @@
+//! Renders one app's Kubernetes manifests for one image digest.
+//!
+//! `policy-enforce` evaluates exactly these objects and `deploy` applies exactly
+//! these objects, so what was checked is what runs. Objects are plain
+//! [`serde_json::Value`]s (no `k8s-openapi`: the build stays light and `deploy`
+//! applies them as dynamic objects).
+//!
+//! # What is rendered, in [`APPLY_ORDER`]
+//!
+//! 1. `Namespace` with Pod Security Admission `restricted` (enforce, audit, warn;
+//!    version `latest`).
+//! 2. `ResourceQuota` sized for a rolling update (formula below), and no
+//!    `LoadBalancer` or `NodePort` Services: exposing the app outside the cluster
+//!    is an ingress decision, not something a namespace does by itself.
+//! 3. `LimitRange`: containers default to the app's requests and limits and
+//!    may not exceed its limits.
+//! 4. Two `NetworkPolicy` objects (see below).
+//! 5. `ServiceAccount` without an automounted token.
+//! 6. `Deployment`: the image by digest only, non-root with a read-only root
+//!    filesystem, no capabilities, `RuntimeDefault` seccomp, probes, and a
+//!    zero-downtime rolling update (`maxUnavailable: 0`, `maxSurge: 1`).
+//! 7. `Service` (ClusterIP, port 80 → the app port, named `http`).
+//!
+//! Namespace-scoped objects assume one app per namespace (the default: the
+//! namespace is the app name); the ResourceQuota and LimitRange are sized for
+//! this app alone.
+//!
+//! # NetworkPolicy shape: two objects
+//!
+//! `default-deny-ingress` selects every pod in the namespace (`podSelector: {}`)
+//! and allows nothing; `{app}-allow-http` selects only the app's pods and
+//! allows TCP to the app port from any source. One object cannot express this:
+//! a policy's `podSelector` applies to all its rules, so a single policy would
+//! either open the app port on every pod in the namespace or leave other pods
+//! un-denied. Two objects also keep the namespace-wide baseline readable on its
+//! own. Egress is not restricted (the app's dependencies are not known here).
+//!
+//! # ResourceQuota formula
+//!
+//! With `maxUnavailable: 0` and `maxSurge: 1` a rollout runs up to
+//! `replicas + 1` pods, and the pod it just scaled down is still counted by the
+//! quota during its termination grace period while the controller already
+//! creates the next one. So the quota leaves room for
+//! `slots = replicas + MAX_SURGE + TERMINATING_HEADROOM` pods (`replicas + 2`),
+//! and each total is `slots × per-pod value`:
+//! `pods = slots`, `requests.cpu = slots × cpu_request`,
+//! `limits.cpu = slots × cpu_limit`, and the same for memory. Quantities are
+//! computed exactly in millicores and bytes ([`quantity`]); a total beyond
+//! Kubernetes' 64-bit range is a [`RenderError`] naming the resource field.
+//!
+//! # The hash excludes provenance
+//!
+//! [`Rendered::hash`] identifies *what runs*: it is the SHA-256 of the canonical
+//! JSON (keys sorted, compact, one object per line, apply order) of every object
+//! with the provenance annotations [`PROVENANCE_ANNOTATIONS`] (run id, commit,
+//! verdicts) removed. The digest annotation stays (the digest is in the image
+//! anyway). So re-rendering the same config and digest — a retrigger, or the
+//! rollback to the previous good digest recorded in `apps/{app}/deployed.json` —
+//! gives the same hash, which lets `deploy` confirm that a rollback restores
+//! exactly what ran before and lets `cluster-audit` detect drift by
+//! re-rendering without the historical run's verdict text. Any change to the
+//! config, the digest or this renderer changes the hash. The provenance
+//! annotations are still applied (they are on the pod template, so a new run
+//! rolls the pods and `kubectl describe` shows which run they came from).
+//!
+//! # Determinism
+//!
+//! Same input → byte-identical YAML and hash: maps are emitted with sorted
+//! keys, env variables are sorted by name, and nothing reads the clock or the
+//! environment.
+
+pub mod quantity;
+mod yaml;
+
+use gantry_pipeline::{AppConfig, CommitSha, Digest, RunId};
+use serde_json::{Map, Value, json};
+use sha2::Digest as _;
+
+/// Kinds in the order they are applied: cluster-scoped and namespace policy
+/// objects first, so the workload is admitted under its quota, limits and
+/// network policy; the Service last, so it never points at pods that were
+/// refused. Several objects of one kind (two NetworkPolicies) are applied
+/// together at that kind's position.
+pub const APPLY_ORDER: [&str; 7] = [
+    "Namespace",
+    "ResourceQuota",
+    "LimitRange",
+    "NetworkPolicy",
+    "ServiceAccount",
+    "Deployment",
+    "Service",
+];
+
+/// Value of `app.kubernetes.io/managed-by` on everything gantry renders.
+pub const MANAGED_BY: &str = "gantry";
+
+/// Extra pods a rollout may create above `replicas` (`maxSurge`).
+pub const MAX_SURGE: u32 = 1;
+
+/// Pods still counted by the quota while terminating during a rollout.
+pub const TERMINATING_HEADROOM: u32 = 1;
+
+/// UID, GID and fsGroup of the app's processes.
+///
+/// A fixed numeric id lets the kubelet verify `runAsNonRoot` even when the
+/// image's `USER` is a name; 10001 is above the system (< 1000) and usual
+/// login (1000–) ranges, so it matches no account in common base images nor,
+/// after an escape, a real user on the node. `fsGroup` makes the `/tmp`
+/// volume writable for it.
+pub const RUN_AS_ID: i64 = 10001;
+
+/// Annotation values are capped at this many bytes for the verdict summary:
+/// annotations share a 256 KiB budget per object and are shown by `kubectl`.
+pub const VERDICTS_MAX_BYTES: usize = 1024;
+
+/// Size limit of the `/tmp` emptyDir: enough for temp files, bounded so a
+/// misbehaving pod cannot fill the node's disk.
+pub const TMP_SIZE_LIMIT: &str = "128Mi";
+
+/// Annotation holding the run id.
+pub const ANNOTATION_RUN_ID: &str = "gantry.dev/run-id";
+/// Annotation holding the image digest.
+pub const ANNOTATION_DIGEST: &str = "gantry.dev/digest";
+/// Annotation holding the commit SHA.
+pub const ANNOTATION_COMMIT: &str = "gantry.dev/commit";
+/// Annotation holding the one-line verdict summary.
+pub const ANNOTATION_VERDICTS: &str = "gantry.dev/verdicts";
+
+/// Annotations that describe *which run* produced the objects rather than
+/// *what runs*; they are left out of [`Rendered::hash`].
+pub const PROVENANCE_ANNOTATIONS: [&str; 3] =
+    [ANNOTATION_RUN_ID, ANNOTATION_COMMIT, ANNOTATION_VERDICTS];
+
+/// Why the manifests could not be rendered. Every variant names the input
+/// field at fault, in `gantry.toml` spelling (`resources.cpu_limit`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// A resource quantity does not parse or is out of range.
+    #[error("{field}: {value:?} is not a usable Kubernetes quantity: {reason}")]
+    Quantity {
+        /// The field, e.g. `resources.memory_limit`.
+        field: &'static str,
+        /// The rejected text.
+        value: String,
+        /// What is wrong with it.
+        reason: quantity::QuantityError,
+    },
+    /// A value breaks a rule the manifests depend on.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, e.g. `replicas` or `registry_image`.
+        field: &'static str,
+        /// What rule it breaks.
+        message: String,
+    },
+    /// A value cannot be written as YAML (nested deeper than the emitter allows).
+    #[error("cannot write YAML: {message}")]
+    Yaml {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Everything one render needs.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderInput<'a> {
+    /// The app as configured in `gantry.toml`.
+    pub app: &'a AppConfig,
+    /// The manifest digest to run (the only image reference rendered).
+    pub digest: &'a Digest,
+    /// `registry-host/repository` without tag or digest, normally `app.image`
+    /// (taken separately so the run's recorded image is what gets rendered).
+    pub registry_image: &'a str,
+    /// The run that deploys it (annotation `gantry.dev/run-id`).
+    pub run_id: Option<&'a RunId>,
+    /// The commit it was built from (annotation `gantry.dev/commit`).
+    pub commit: Option<&'a CommitSha>,
+    /// One-line verdict summary (annotation `gantry.dev/verdicts`, cut to
+    /// [`VERDICTS_MAX_BYTES`]).
+    pub verdicts: Option<&'a str>,
+}
+
+/// The rendered manifests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// The objects, in apply order ([`APPLY_ORDER`]).
+    pub objects: Vec<Value>,
+    /// [`manifest_hash`] of `objects`: SHA-256 hex of their canonical JSON
+    /// without provenance annotations.
+    pub hash: String,
+}
+
+/// Renders the app's objects for `input.digest`, validating every input the
+/// objects depend on first.
+pub fn render(input: &RenderInput) -> Result<Rendered, RenderError> {
+    let app = input.app;
+    let name = app.name.as_str();
+    let ns = app.namespace().as_str();
+    check_inputs(input)?;
+    let res = Resources::parse(app)?;
+    let slots = u64::from(app.replicas) + u64::from(MAX_SURGE) + u64::from(TERMINATING_HEADROOM);
+    let image = format!("{}@{}", input.registry_image, input.digest);
+    let annotations = provenance(input);
+
+    let objects = vec![
+        namespace(name, ns),
+        resource_quota(name, ns, &res, slots)?,
+        limit_range(name, ns, app),
+        deny_all_ingress(name, ns),
+        allow_http(name, ns, app.port),
+        service_account(name, ns),
+        deployment(app, ns, &image, &annotations),
+        service(name, ns, app.port),
+    ];
+    let hash = manifest_hash(&objects);
+    Ok(Rendered { objects, hash })
+}
+
+/// Writes `objects` as multi-document YAML: each object starts with a `---`
+/// line; keys are sorted and strings quoted so the text parses back to the
+/// identical JSON (see the emitter's rules in the source).
+pub fn to_yaml(objects: &[Value]) -> Result<String, RenderError> {
+    let mut out = String::new();
+    for object in objects {
+        out.push_str("---\n");
+        yaml::write_document(&mut out, object).map_err(|yaml::TooDeep| RenderError::Yaml {
+            message: format!("value nested deeper than {} levels", yaml::MAX_DEPTH),
+        })?;
+    }
+    Ok(out)
+}
+
+/// A stable file name for `obj` in a GitOps directory:
+/// `{position in APPLY_ORDER, 1-based, two digits}-{kind lowercase}-{name}.yaml`,
+/// e.g. `01-namespace-web.yaml`, so a directory listing is also the apply
+/// order. Kinds outside [`APPLY_ORDER`] get `99`. The name is reduced to
+/// `[a-z0-9.-]` (never a path separator or `..`), `unnamed` when missing.
+pub fn object_file_name(obj: &Value) -> String {
+    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+    let position = APPLY_ORDER
+        .iter()
+        .position(|k| *k == kind)
+        .map_or(99, |i| i + 1);
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c.to_ascii_lowercase() {
+                c @ ('a'..='z' | '0'..='9' | '-') => c,
+                '.' => '.',
+                _ => '-',
+            })
+            .collect::<String>()
+            .trim_matches(['.', '-'])
+            .replace("..", "-")
+    };
+    let kind = Some(clean(kind))
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(clean)
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "unnamed".into());
+    format!("{position:02}-{kind}-{name}.yaml")
+}
+
+/// SHA-256 hex over the canonical JSON of `objects` (sorted keys, compact, one
+/// line per object, in the given order) with [`PROVENANCE_ANNOTATIONS`]
+/// removed from every `annotations` map. Public so objects read back from a
+/// GitOps directory can be compared with a render.
+pub fn manifest_hash(objects: &[Value]) -> String {
+    let mut hasher = sha2::Sha256::new();
+    for object in objects {
+        let mut object = canonical(object);
+        strip_provenance(&mut object);
+        hasher.update(object.to_string().as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// A copy of `v` whose maps iterate in sorted key order whatever serde_json's
+/// `preserve_order` feature says, so its `Display` is canonical.
+fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), canonical(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+fn strip_provenance(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                if key == "annotations"
+                    && let Value::Object(annotations) = value
+                {
+                    for p in PROVENANCE_ANNOTATIONS {
+                        annotations.remove(p);
+                    }
+                }
+                strip_provenance(value);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_provenance),
+        _ => {}
+    }
+}
+
+/// The app's resources, parsed and checked once.
+struct Resources {
+    cpu_request: u64,
+    cpu_limit: u64,
+    memory_request: u64,
+    memory_limit: u64,
+}
+
+impl Resources {
+    fn parse(app: &AppConfig) -> Result<Resources, RenderError> {
+        let r = &app.resources;
+        let q = |field: &'static str,
+                 value: &str,
+                 parse: fn(&str) -> Result<u64, quantity::QuantityError>| {
+            parse(value).map_err(|reason| RenderError::Quantity {
+                field,
+                value: value.to_string(),
+                reason,
+            })
+        };
+        let res = Resources {
+            cpu_request: q(
+                "resources.cpu_request",
+                &r.cpu_request,
+                quantity::parse_cpu_millis,
+            )?,
+            cpu_limit: q(
+                "resources.cpu_limit",
+                &r.cpu_limit,
+                quantity::parse_cpu_millis,
+            )?,
+            memory_request: q(
+                "resources.memory_request",
+                &r.memory_request,
+                quantity::parse_bytes,
+            )?,
+            memory_limit: q(
+                "resources.memory_limit",
+                &r.memory_limit,
+                quantity::parse_bytes,
+            )?,
+        };
+        // The API server refuses a request above its limit, and a zero limit
+        // would make the LimitRange forbid every container: fail at render
+        // time, naming the field, instead of at apply time.
+        for (field, request, limit, limit_field) in [
+            (
+                "resources.cpu_request",
+                res.cpu_request,
+                res.cpu_limit,
+                "resources.cpu_limit",
+            ),
+            (
+                "resources.memory_request",
+                res.memory_request,
+                res.memory_limit,
+                "resources.memory_limit",
+            ),
+        ] {
+            if limit == 0 {
+                return Err(invalid(limit_field, "must be greater than zero".into()));
+            }
+            if request > limit {
+                return Err(invalid(field, format!("must not exceed {limit_field}")));
+            }
+        }
+        Ok(res)
+    }
+}
+
+fn invalid(field: &'static str, message: String) -> RenderError {
+    RenderError::Invalid { field, message }
+}
+
+/// Checks what the objects embed verbatim. `gantry.toml` parsing checks most
+/// of it already; this repeats the checks because an `AppConfig` can be built
+/// in code, and the image reference is a security property, not a formality.
+fn check_inputs(input: &RenderInput) -> Result<(), RenderError> {
+    let app = input.app;
+    if !valid_registry_image(input.registry_image) {
+        return Err(invalid(
+            "registry_image",
+            format!(
+                "{:?} must be `registry-host/repository` in lowercase, without tag or digest",
+                input.registry_image
+            ),
+        ));
+    }
+    if app.port == 0 {
+        return Err(invalid("port", "must be 1-65535".into()));
+    }
+    if app.replicas == 0 {
+        return Err(invalid("replicas", "must be at least 1".into()));
+    }
+    if !app.health_path.starts_with('/')
+        || app.health_path.len() > 200
+        || !app.health_path.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(invalid(
+            "health_path",
+            format!("{:?} must be an absolute URL path", app.health_path),
+        ));
+    }
+    for key in app.env.keys() {
+        let ok = !key.is_empty()
+            && key.len() <= 128
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(invalid(
+                "env",
+                format!("{key:?} is not a valid variable name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `host[:port]/repo[/repo...]`: the colon is only allowed in the host, so no
+/// tag can slip into the rendered image reference, and `@` is never allowed.
+fn valid_registry_image(v: &str) -> bool {
+    let Some((host, repo)) = v.split_once('/') else {
+        return false;
+    };
+    let host_ok = !host.is_empty()
+        && host.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b':')
+        });
+    let repo_ok = !repo.is_empty()
+        && repo.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
+        });
+    host_ok && repo_ok
+}
+
+/// The provenance annotations that were given, plus the digest. Values are
+/// strings (the API server rejects anything else in annotations).
+fn provenance(input: &RenderInput) -> Value {
+    let mut a = Map::new();
+    a.insert(ANNOTATION_DIGEST.into(), input.digest.as_str().into());
+    if let Some(run_id) = input.run_id {
+        a.insert(ANNOTATION_RUN_ID.into(), run_id.as_str().into());
+    }
+    if let Some(commit) = input.commit {
+        a.insert(ANNOTATION_COMMIT.into(), commit.as_str().into());
+    }
+    if let Some(verdicts) = input.verdicts {
+        a.insert(ANNOTATION_VERDICTS.into(), one_line(verdicts).into());
+    }
+    Value::Object(a)
+}
+
+/// The verdict summary as one line (control characters become spaces) of at
+/// most [`VERDICTS_MAX_BYTES`] bytes, cut on a character boundary and marked
+/// with `...` when shortened.
+fn one_line(s: &str) -> String {
+    let line: String = s
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() <= VERDICTS_MAX_BYTES {
+        return line;
+    }
+    let mut cut = VERDICTS_MAX_BYTES - 3;
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &line[..cut])
+}
+
+/// `app.kubernetes.io/name` and `managed-by`: on every object.
+fn common_labels(name: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    })
+}
+
+/// What the Deployment selects and the Service and NetworkPolicy target.
+/// `managed-by` is left out on purpose: a Deployment's selector is immutable,
+/// so it holds only the app's identity.
+fn selector_labels(name: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/instance": name,
+    })
+}
+
+/// The labels of the Deployment and its pods: identity plus `managed-by`.
+fn workload_labels(name: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    })
+}
+
+fn metadata(object_name: &str, ns: &str, labels: Value) -> Value {
+    json!({ "name": object_name, "namespace": ns, "labels": labels })
+}
+
+fn namespace(name: &str, ns: &str) -> Value {
+    let mut labels = common_labels(name);
+    if let Value::Object(map) = &mut labels {
+        for mode in ["enforce", "audit", "warn"] {
+            map.insert(
+                format!("pod-security.kubernetes.io/{mode}"),
+                "restricted".into(),
+            );
+            map.insert(
+                format!("pod-security.kubernetes.io/{mode}-version"),
+                "latest".into(),
+            );
+        }
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": ns, "labels": labels },
+    })
+}
+
+fn resource_quota(name: &str, ns: &str, res: &Resources, slots: u64) -> Result<Value, RenderError> {
+    let total = |field: &'static str, per_pod: u64| -> Result<u64, RenderError> {
+        per_pod
+            .checked_mul(slots)
+            .filter(|t| *t <= i64::MAX as u64)
+            .ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("{slots} pods × this value overflows the quota's 64-bit range"),
+                )
+            })
+    };
+    let cpu_request = total("resources.cpu_request", res.cpu_request)?;
+    let cpu_limit = total("resources.cpu_limit", res.cpu_limit)?;
+    let memory_request = total("resources.memory_request", res.memory_request)?;
+    let memory_limit = total("resources.memory_limit", res.memory_limit)?;
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": metadata(name, ns, common_labels(name)),
+        "spec": {
+            "hard": {
+                "pods": slots.to_string(),
+                "requests.cpu": quantity::format_millis(cpu_request),
+                "limits.cpu": quantity::format_millis(cpu_limit),
+                "requests.memory": quantity::format_bytes(memory_request),
+                "limits.memory": quantity::format_bytes(memory_limit),
+                "services.loadbalancers": "0",
+                "services.nodeports": "0",
+            },
+        },
+    }))
+}
+
+fn limit_range(name: &str, ns: &str, app: &AppConfig) -> Value {
+    let r = &app.resources;
+    let limits = json!({ "cpu": r.cpu_limit, "memory": r.memory_limit });
+    json!({
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": metadata(name, ns, common_labels(name)),
+        "spec": {
+            "limits": [{
+                "type": "Container",
+                "default": limits,
+                "defaultRequest": { "cpu": r.cpu_request, "memory": r.memory_request },
+                "max": limits,
+            }],
+        },
+    })
+}
+
+fn deny_all_ingress(name: &str, ns: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata("default-deny-ingress", ns, common_labels(name)),
+        // No `ingress` rules: every pod selected (all of them) accepts nothing.
+        "spec": { "podSelector": {}, "policyTypes": ["Ingress"] },
+    })
+}
+
+fn allow_http(name: &str, ns: &str, port: u16) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(&format!("{name}-allow-http"), ns, common_labels(name)),
+        "spec": {
+            "podSelector": { "matchLabels": selector_labels(name) },
+            "policyTypes": ["Ingress"],
+            // No `from`: any source (the ingress controller lives elsewhere),
+            // but only this port.
+            "ingress": [{ "ports": [{ "protocol": "TCP", "port": port }] }],
+        },
+    })
+}
+
+fn service_account(name: &str, ns: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(name, ns, common_labels(name)),
+        "automountServiceAccountToken": false,
+    })
+}
+
+fn deployment(app: &AppConfig, ns: &str, image: &str, annotations: &Value) -> Value {
+    let name = app.name.as_str();
+    let r = &app.resources;
+    let mut env: Vec<(&String, &String)> = app.env.iter().collect();
+    env.sort();
+    let env: Vec<Value> = env
+        .into_iter()
+        .map(|(k, v)| json!({ "name": k, "value": v }))
+        .collect();
+    let probe = |period: u32, initial_delay: u32| {
+        json!({
+            "httpGet": { "path": app.health_path, "port": app.port, "scheme": "HTTP" },
+            "initialDelaySeconds": initial_delay,
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        })
+    };
+    let mut container = json!({
+        "name": name,
+        "image": image,
+        // By digest the content cannot change, so a cached copy is the same image.
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [{ "name": "http", "containerPort": app.port, "protocol": "TCP" }],
+        "resources": {
+            "requests": { "cpu": r.cpu_request, "memory": r.memory_request },
+            "limits": { "cpu": r.cpu_limit, "memory": r.memory_limit },
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "capabilities": { "drop": ["ALL"] },
+        },
+        "livenessProbe": probe(10, 10),
+        "readinessProbe": probe(5, 0),
+        "volumeMounts": [{ "name": "tmp", "mountPath": "/tmp" }],
+    });
+    if !env.is_empty()
+        && let Value::Object(c) = &mut container
+    {
+        c.insert("env".into(), Value::Array(env));
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": workload_labels(name),
+            "annotations": annotations,
+        },
+        "spec": {
+            "replicas": app.replicas,
+            "revisionHistoryLimit": 5,
+            "progressDeadlineSeconds": 300,
+            "selector": { "matchLabels": selector_labels(name) },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": { "maxUnavailable": 0, "maxSurge": MAX_SURGE },
+            },
+            "template": {
+                "metadata": { "labels": workload_labels(name), "annotations": annotations },
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": RUN_AS_ID,
+                        "runAsGroup": RUN_AS_ID,
+                        "fsGroup": RUN_AS_ID,
+                        "seccompProfile": { "type": "RuntimeDefault" },
+                    },
+                    "containers": [container],
+                    "volumes": [{ "name": "tmp", "emptyDir": { "sizeLimit": TMP_SIZE_LIMIT } }],
+                },
+            },
+        },
+    })
+}
+
+fn service(name: &str, ns: &str, port: u16) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(name, ns, common_labels(name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{ "name": "http", "protocol": "TCP", "port": 80, "targetPort": port }],
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_are_one_line_and_bounded() {
+        assert_eq!(
+            one_line(" scan: passed\npolicy: passed "),
+            "scan: passed policy: passed"
+        );
+        let long = "é".repeat(2000);
+        let cut = one_line(&long);
+        assert!(cut.len() <= VERDICTS_MAX_BYTES, "{}", cut.len());
+        assert!(cut.ends_with("..."));
+        assert!(cut.trim_end_matches("...").chars().all(|c| c == 'é'));
+        let exact = "a".repeat(VERDICTS_MAX_BYTES);
+        assert_eq!(one_line(&exact), exact);
+    }
+
+    #[test]
+    fn registry_images() {
+        for ok in [
+            "contoso.azurecr.io/web",
+            "localhost:5000/team/web",
+            "contoso.azurecr.io/a/b_c.d-e",
+        ] {
+            assert!(valid_registry_image(ok), "{ok}");
+        }
+        for bad in [
+            "web",
+            "contoso.azurecr.io/web:latest",
+            "contoso.azurecr.io/web@sha256:00",
+            "Contoso.azurecr.io/web",
+            "contoso.azurecr.io/",
+            "contoso.azurecr.io//web",
+            "/web",
+            "contoso.azurecr.io/web ",
+        ] {
+            assert!(!valid_registry_image(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_names_are_safe() {
+        let obj = json!({ "kind": "Secret", "metadata": { "name": "../../etc/Passwd" } });
+        assert_eq!(object_file_name(&obj), "99-secret-etc-passwd.yaml");
+        assert_eq!(object_file_name(&json!({})), "99-unknown-unnamed.yaml");
+        let dots = json!({ "kind": "Service", "metadata": { "name": "a..b" } });
+        assert_eq!(object_file_name(&dots), "07-service-a-b.yaml");
+    }
+
+    #[test]
+    fn hash_ignores_provenance_only() {
+        let a = json!({ "metadata": { "annotations": { ANNOTATION_RUN_ID: "1", ANNOTATION_DIGEST: "d" } } });
+        let b = json!({ "metadata": { "annotations": { ANNOTATION_RUN_ID: "2", ANNOTATION_DIGEST: "d" } } });
+        let c = json!({ "metadata": { "annotations": { ANNOTATION_RUN_ID: "1", ANNOTATION_DIGEST: "e" } } });
+        assert_eq!(manifest_hash(std::slice::from_ref(&a)), manifest_hash(&[b]));
+        assert_ne!(manifest_hash(std::slice::from_ref(&a)), manifest_hash(&[c]));
+        assert_eq!(manifest_hash(&[a]).len(), 64);
+    }
+}
