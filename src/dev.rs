@@ -83,11 +83,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
             "GANTRY_GITHUB_WEBHOOK_SECRET is not set: using the development secret (gantry send signs with it too)"
         );
     }
+    // A developer login is needed only when an app scans with Defender.
+    let config_uses_azure = uses_defender(&config);
     let deps = Arc::new(Deps {
         runs: gantry_pipeline::RunStore::new(store),
         bus: bus.clone() as Arc<dyn MessageBus>,
         config: Arc::new(config),
         secrets: crate::wiring::secrets(true),
+        services: crate::wiring::services(&config_uses_azure)?,
     });
     let functions = crate::functions::all();
     let router = gantry_runtime::app(deps.clone(), &functions);
@@ -374,4 +377,11 @@ async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, mess
     if let Err(e) = settled {
         tracing::error!(function, message_id = %message.message_id, error = %e, "settling failed");
     }
+}
+
+fn uses_defender(config: &gantry_pipeline::Config) -> bool {
+    config
+        .apps
+        .iter()
+        .any(|a| config.scan_settings(a).source == gantry_pipeline::config::ScanSource::Defender)
 }

@@ -11,6 +11,8 @@ pub fn all() -> Vec<Function> {
         fn_github_webhook::function(),
         fn_registry_push::function(),
         fn_runs_api::function(),
+        fn_scan_check::function(),
+        fn_policy_enforce::function(),
     ]
 }
 

@@ -3,6 +3,7 @@
 
 mod dev;
 mod functions;
+mod policy;
 mod runs;
 mod send;
 mod serve;
@@ -32,6 +33,25 @@ enum Command {
     Dev(dev::DevArgs),
     /// Send a sample event (GitHub webhook, registry or security event) to a running `gantry dev`.
     Send(send::SendArgs),
+    /// Print an app's Kubernetes manifests for a digest, as YAML (what policy-enforce checks and deploy applies).
+    Render {
+        /// The app (a name from gantry.toml).
+        app: String,
+        /// The image digest (sha256:...).
+        #[arg(long)]
+        digest: String,
+        /// gantry.toml to use; default ./gantry.toml if present, else the embedded example.
+        #[arg(long, env = "GANTRY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print the manifest hash on stderr too.
+        #[arg(long)]
+        hash: bool,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// List the functions this binary hosts and their triggers (as in each function.json).
     Functions {
         /// Print JSON instead of a table.
@@ -61,7 +81,18 @@ pub struct StoreArgs {
     pub container: String,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line with its causes, not a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let json_logs = cli.log_json || std::env::var_os("FUNCTIONS_CUSTOMHANDLER_PORT").is_some();
     init_tracing(json_logs);
@@ -74,6 +105,13 @@ fn main() -> Result<()> {
             Command::Dev(args) => dev::run(args).await,
             Command::Send(args) => send::run(args).await,
             Command::Functions { json } => functions::print(json),
+            Command::Render {
+                app,
+                digest,
+                config,
+                hash,
+            } => policy::render(&app, &digest, config.as_deref(), hash),
+            Command::Policy { command } => policy::run(command),
             Command::Runs { command } => runs::run(command).await,
         }
     })

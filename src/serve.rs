@@ -41,7 +41,8 @@ pub async fn run() -> Result<()> {
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .context("building the HTTP client")?;
-    let bus = gantry_bus::servicebus::ServiceBusRest::connect(&servicebus, credential, http)?;
+    let bus =
+        gantry_bus::servicebus::ServiceBusRest::connect(&servicebus, credential, http.clone())?;
     let secrets = crate::wiring::secrets(false);
     if secrets.github_webhook.is_none() {
         tracing::error!(
@@ -53,6 +54,7 @@ pub async fn run() -> Result<()> {
         bus: Arc::new(bus) as Arc<dyn MessageBus>,
         config: Arc::new(config),
         secrets,
+        services: gantry_runtime::Services::new(Some(crate::wiring::azure_credential()?), http),
     });
     let app = gantry_runtime::app(deps, &crate::functions::all());
     axum::serve(listener, app).await.context("serving HTTP")?;

@@ -93,3 +93,18 @@ pub fn secrets(dev_default: bool) -> Secrets {
         github_webhook: webhook.map(|s| Secret::new(s.into_bytes())),
     }
 }
+
+/// Outbound services for `gantry dev`: a developer credential only when an
+/// Azure API is configured (so a plain `gantry dev` needs no Azure login).
+pub fn services(needs_azure: &bool) -> Result<gantry_runtime::Services> {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let credential = if *needs_azure {
+        Some(azure_credential()?)
+    } else {
+        None
+    };
+    Ok(gantry_runtime::Services::new(credential, http))
+}

@@ -11,6 +11,24 @@ const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const ACR_EVENT_ID: &str = "831e1650-001e-001b-66ab-eeb76e069631";
 
+/// Waits until the only run is `deploying` (the last step implemented so far).
+async fn settle(runs: &impl Fn() -> Result<Vec<Value>>) -> Result<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let all = runs()?;
+        if let [run] = all.as_slice()
+            && run["status"] == "deploying"
+        {
+            return Ok(run.clone());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "run did not reach deploying: {all:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn push_then_image(host: &DevHost, runs: impl Fn() -> Result<Vec<Value>>) -> Result<()> {
     let push = example("github-push.json");
     let acr = example("acr-image-pushed.json");
@@ -31,6 +49,9 @@ async fn push_then_image(host: &DevHost, runs: impl Fn() -> Result<Vec<Value>>) 
         201
     );
     host.drain("registry-events").await?;
+    // The gates run too (the example Trivy report is clean, the app complies):
+    // the run travels scan → policy → the deploy queue.
+    let settled = settle(&runs).await?;
 
     // Redeliver both 10×: same delivery id and same event id (what GitHub's
     // "Redeliver" and Event Grid's retries do) ...
@@ -61,28 +82,40 @@ async fn push_then_image(host: &DevHost, runs: impl Fn() -> Result<Vec<Value>>) 
         assert_eq!(host.enqueue("registry-events", None, &acr).await?, 201);
     }
     host.drain("registry-events").await?;
+    for queue in ["scan", "policy"] {
+        host.drain(queue).await?;
+    }
 
     let all = runs()?;
     assert_eq!(all.len(), 1, "exactly one run: {all:#?}");
     let run = &all[0];
+    assert_eq!(run, &settled, "redeliveries changed nothing");
     assert_eq!(run["id"], run_id.as_str());
     assert_eq!(run["app"], "web");
-    assert_eq!(run["status"], "scanning");
+    assert_eq!(run["status"], "deploying");
     assert_eq!(run["source"]["commit"], SHA);
     assert_eq!(run["source"]["pusher"], "monalisa");
     assert_eq!(run["source"]["repo"], "contoso/web");
     assert_eq!(run["source"]["ref"], "refs/heads/main");
     assert_eq!(run["image"]["digest"], DIGEST);
     assert_eq!(run["image"]["registry"], "contoso.azurecr.io");
-    assert_eq!(run["steps"]["scan"]["status"], "pending");
+    assert_eq!(run["steps"]["scan"]["status"], "passed");
+    assert_eq!(run["steps"]["scan"]["attempts"], 1);
+    assert_eq!(run["steps"]["policy"]["status"], "passed");
     for field in ["created_at", "updated_at"] {
         assert!(run[field].is_string(), "{field} missing");
     }
 
+    // Exactly one scan message was sent and consumed (a second would still be
+    // queued or show as another scan attempt), and it led to exactly one
+    // deploy message.
     let scan = host.queue("scan").await?;
-    let messages = scan["messages"].as_array().expect("messages");
-    assert_eq!(messages.len(), 1, "exactly one scan message: {scan:#}");
-    assert_eq!(messages[0]["message_id"], format!("{run_id}:scan:1"));
+    assert_eq!(scan["stats"]["active"], 0, "{scan:#}");
+    assert_eq!(scan["stats"]["scheduled"], 0, "{scan:#}");
+    let deploy = host.queue("deploy").await?;
+    let messages = deploy["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 1, "exactly one deploy message: {deploy:#}");
+    assert_eq!(messages[0]["message_id"], format!("{run_id}:deploy:1"));
     let body: Value = serde_json::from_str(messages[0]["body"].as_str().expect("body"))?;
     assert_eq!(body["run_id"], run_id.as_str());
     assert_eq!(body["digest"], DIGEST);
@@ -97,7 +130,7 @@ async fn push_then_image(host: &DevHost, runs: impl Fn() -> Result<Vec<Value>>) 
 }
 
 #[tokio::test]
-async fn push_then_image_makes_one_run_and_one_scan_message() -> Result<()> {
+async fn push_then_image_makes_one_run_through_the_gates_to_one_deploy_message() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let host = DevHost::start(dir.path(), &[]).await?;
     push_then_image(&host, || host.runs(&[])).await
@@ -145,11 +178,8 @@ async fn state_survives_a_restart_of_the_dev_host() -> Result<()> {
         .await?,
         201
     );
-    host.drain("registry-events").await?;
-    let runs = host.runs(&[])?;
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0]["id"], run_id.as_str());
-    assert_eq!(runs[0]["status"], "scanning");
+    let run = host.settle(&["deploying"], &[]).await?;
+    assert_eq!(run["id"], run_id.as_str());
     Ok(())
 }
 
@@ -176,10 +206,7 @@ async fn cli_send_signs_and_routes_samples() -> Result<()> {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    host.drain("registry-events").await?;
-    let runs = host.runs(&[])?;
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0]["status"], "scanning");
+    host.settle(&["deploying"], &[]).await?;
     // A human table too.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
         .args(["runs", "list", "--state"])
@@ -188,7 +215,7 @@ async fn cli_send_signs_and_routes_samples() -> Result<()> {
     let table = String::from_utf8(out.stdout)?;
     assert!(table.starts_with("RUN "), "{table}");
     assert!(
-        table.contains("web") && table.contains("scanning") && table.contains("3f786850"),
+        table.contains("web") && table.contains("deploying") && table.contains("3f786850"),
         "{table}"
     );
     Ok(())

@@ -124,6 +124,23 @@ impl DevHost {
         }
     }
 
+    /// Waits until the only run has one of `statuses`, and returns it.
+    pub async fn settle(&self, statuses: &[&str], extra: &[&str]) -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let runs = self.runs(extra)?;
+            if let [run] = runs.as_slice()
+                && statuses.contains(&run["status"].as_str().unwrap_or_default())
+            {
+                return Ok(run.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("no single run reached {statuses:?}: {runs:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `gantry runs list --json` over the same state.
     pub fn runs(&self, extra: &[&str]) -> Result<Vec<Value>> {
         let out = Command::new(env!("CARGO_BIN_EXE_gantry"))

@@ -81,6 +81,7 @@ impl Harness {
             secrets: Secrets {
                 github_webhook: secret.map(Secret::new),
             },
+            services: Default::default(),
         };
         let router = gantry_runtime::app(Arc::new(deps), &[fn_github_webhook::function()]);
         Ok(Harness {

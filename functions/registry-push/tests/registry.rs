@@ -137,6 +137,7 @@ impl Harness {
             secrets: Secrets {
                 github_webhook: Some(Secret::new(SECRET)),
             },
+            services: Default::default(),
         };
         let router = gantry_runtime::app(
             Arc::new(deps),

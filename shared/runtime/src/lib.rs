@@ -13,6 +13,7 @@
 pub mod envelope;
 pub mod http_error;
 pub mod signature;
+pub mod steps;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,6 +60,62 @@ pub struct Secrets {
     pub github_webhook: Option<Secret>,
 }
 
+/// Outbound clients and per-process caches shared by functions.
+#[derive(Clone, Default)]
+pub struct Services {
+    /// Entra ID credential (managed identity in Azure) for Azure APIs such as
+    /// Resource Graph; `None` where no Azure API is configured (tests, dev).
+    pub credential: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
+    /// One HTTP client per process (connection pooling, one TLS setup).
+    pub http: reqwest::Client,
+    cache: Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>,
+        >,
+    >,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("credential", &self.credential.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Services {
+    /// Services with a credential and HTTP client.
+    pub fn new(
+        credential: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
+        http: reqwest::Client,
+    ) -> Services {
+        Services {
+            credential,
+            http,
+            cache: Arc::default(),
+        }
+    }
+
+    /// A value built once per process (per `Deps`) and shared: prepared policy
+    /// engines, API clients with token caches. `init` runs again after a failure.
+    pub fn cached<T, E>(
+        &self,
+        key: &'static str,
+        init: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Arc<T>, E>
+    where
+        T: Send + Sync + 'static,
+    {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = cache.get(key).and_then(|v| v.clone().downcast::<T>().ok()) {
+            return Ok(found);
+        }
+        let value = Arc::new(init()?);
+        cache.insert(key, value.clone());
+        Ok(value)
+    }
+}
+
 /// Everything a function may use. Built once per process.
 #[derive(Clone)]
 pub struct Deps {
@@ -70,6 +127,8 @@ pub struct Deps {
     pub config: Arc<Config>,
     /// Secrets.
     pub secrets: Secrets,
+    /// Outbound clients and caches.
+    pub services: Services,
 }
 
 impl Deps {

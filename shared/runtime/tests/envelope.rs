@@ -262,6 +262,7 @@ async fn harness() -> Harness {
         bus: Arc::new(bus.clone()),
         config: Arc::new(Config::parse("", "test").expect("config")),
         secrets: Secrets::default(),
+        services: Default::default(),
     });
     let router = gantry_runtime::app(deps, &[Function::queue("probe", "scan", false, probe)]);
     Harness {

@@ -1,0 +1,289 @@
+//! Step transitions shared by the gate and deploy functions: hand a run to the
+//! next step, block it, or fail it — each recorded on the run, in the audit
+//! trail and (for the bad outcomes) as an alert, with `MessageId`s derived from
+//! the run and step so a redelivered message repeats nothing.
+
+use gantry_bus::{BusError, OutMessage};
+use gantry_pipeline::runs::blobs;
+use gantry_pipeline::{
+    Alert, AppName, AuditEntry, Digest, PipelineError, Run, RunId, RunStatus, Severity, Step,
+    StepRequest, StepStatus,
+};
+use time::OffsetDateTime;
+
+use crate::Deps;
+
+/// Why a transition could not be recorded or announced.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Writing the run, the blocked digest or the scan record failed.
+    #[error("recording run {run} failed: {source}")]
+    Record {
+        /// Run id.
+        run: RunId,
+        /// Cause.
+        source: PipelineError,
+    },
+    /// Sending the next step's message or an alert failed.
+    #[error("queueing for run {run} failed: {source}")]
+    Queue {
+        /// Run id.
+        run: RunId,
+        /// Cause.
+        source: BusError,
+    },
+}
+
+impl StepError {
+    /// Whether a redelivery may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StepError::Record { source, .. } => source.is_transient(),
+            StepError::Queue { source, .. } => source.is_transient(),
+        }
+    }
+}
+
+/// RFC 3339 of an instant (for messages and records).
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Appends an audit line for a run.
+pub async fn audit(deps: &Deps, actor: &str, run: &Run, action: &str, detail: serde_json::Value) {
+    deps.audit(AuditEntry {
+        at: OffsetDateTime::now_utc(),
+        actor: actor.into(),
+        action: action.into(),
+        app: Some(run.app.clone()),
+        run: Some(run.id.clone()),
+        detail,
+    })
+    .await;
+}
+
+/// Sends the `queue` message for `step` of `run` (attempt `attempt`), with the
+/// MessageId `{run}:{step}:{attempt}`; `session` for session queues (`deploy`).
+pub async fn send_step(
+    deps: &Deps,
+    queue: &str,
+    step: &str,
+    run: &Run,
+    digest: &Digest,
+    attempt: u32,
+    session: Option<&AppName>,
+) -> Result<(), StepError> {
+    let request = StepRequest {
+        app: run.app.clone(),
+        run_id: run.id.clone(),
+        digest: digest.clone(),
+        attempt,
+    };
+    let queue_err = |source| StepError::Queue {
+        run: run.id.clone(),
+        source,
+    };
+    let mut message = OutMessage::json(queue, &request)
+        .map_err(queue_err)?
+        .with_id(request.message_id(step))
+        .with_property("run-id", run.id.to_string())
+        .with_property("app", run.app.to_string());
+    if let Some(app) = session {
+        message = message.with_session(app.to_string());
+    }
+    deps.send(message).await.map_err(queue_err)
+}
+
+/// Sends an alert about `step` of `run`, de-duplicated by `{run}:alert:{key}`.
+#[allow(clippy::too_many_arguments)]
+pub async fn alert(
+    deps: &Deps,
+    run: &Run,
+    step: &str,
+    key: &str,
+    kind: &str,
+    severity: Severity,
+    digest: Option<&Digest>,
+    reason: String,
+) -> Result<(), StepError> {
+    let mut alert = Alert::new(kind, severity, reason);
+    alert.app = Some(run.app.clone());
+    alert.run_id = Some(run.id.clone());
+    alert.step = Some(step.into());
+    alert.digest = digest.cloned();
+    let queue_err = |source| StepError::Queue {
+        run: run.id.clone(),
+        source,
+    };
+    let message = OutMessage::json("alerts", &alert)
+        .map_err(queue_err)?
+        .with_id(format!("{}:alert:{key}", run.id));
+    deps.send(message).await.map_err(queue_err)
+}
+
+/// Blocks `run` at `step`: the digest goes to `apps/{app}/blocked/` first (so
+/// it can never deploy even if the run update races), then the step and run
+/// become `blocked` with `reason` and `details`, then a high alert
+/// `{run}:alert:{step}-blocked`.
+pub async fn block(
+    deps: &Deps,
+    actor: &str,
+    run: &Run,
+    step: &str,
+    digest: &Digest,
+    reason: &str,
+    details: serde_json::Value,
+) -> Result<(), StepError> {
+    let record = |source: PipelineError| StepError::Record {
+        run: run.id.clone(),
+        source,
+    };
+    let now = OffsetDateTime::now_utc();
+    let blocked = serde_json::to_vec_pretty(&serde_json::json!({
+        "digest": digest, "run_id": run.id, "step": step, "reason": reason, "at": rfc3339(now),
+    }))
+    .unwrap_or_default();
+    match deps
+        .runs
+        .raw()
+        .create(&blobs::blocked(&run.app, digest), &blocked)
+        .await
+    {
+        Ok(_) | Err(gantry_store::StoreError::Conflict { .. }) => {}
+        Err(e) => return Err(record(e.into())),
+    }
+    deps.runs
+        .update(&run.app, &run.id, |r| {
+            let Some(s) = r.steps.get_mut(step) else {
+                return Ok(false);
+            };
+            if s.status == StepStatus::Blocked {
+                return Ok(false);
+            }
+            s.status = StepStatus::Blocked;
+            s.finished_at = Some(now);
+            s.summary = Some(reason.to_string());
+            s.details = details.clone();
+            r.status = RunStatus::Blocked;
+            Ok(true)
+        })
+        .await
+        .map_err(record)?;
+    audit(
+        deps,
+        actor,
+        run,
+        &format!("step.{step}.blocked"),
+        serde_json::json!({"digest": digest, "reason": reason}),
+    )
+    .await;
+    alert(
+        deps,
+        run,
+        step,
+        &format!("{step}-blocked"),
+        &format!("{step}-blocked"),
+        Severity::High,
+        Some(digest),
+        format!("{}: {reason}", run.app),
+    )
+    .await
+}
+
+/// Fails `run` at `step` for a reason retrying cannot fix (a malformed report,
+/// a broken policy file), and sends a high alert `{run}:alert:{step}-failed`.
+pub async fn fail(
+    deps: &Deps,
+    actor: &str,
+    run: &Run,
+    step: &str,
+    reason: &str,
+) -> Result<(), StepError> {
+    let now = OffsetDateTime::now_utc();
+    deps.runs
+        .update(&run.app, &run.id, |r| {
+            let s = r
+                .steps
+                .entry(step.to_string())
+                .or_insert_with(|| Step::pending(1));
+            if s.status == StepStatus::Failed {
+                return Ok(false);
+            }
+            s.status = StepStatus::Failed;
+            s.finished_at = Some(now);
+            s.summary = Some(reason.to_string());
+            r.status = RunStatus::Failed;
+            Ok(true)
+        })
+        .await
+        .map_err(|source| StepError::Record {
+            run: run.id.clone(),
+            source,
+        })?;
+    audit(
+        deps,
+        actor,
+        run,
+        &format!("step.{step}.failed"),
+        serde_json::json!({"reason": reason}),
+    )
+    .await;
+    alert(
+        deps,
+        run,
+        step,
+        &format!("{step}-failed"),
+        "run-failed",
+        Severity::High,
+        run.image.as_ref().map(|i| &i.digest),
+        format!("{}: {step} failed: {reason}", run.app),
+    )
+    .await
+}
+
+/// Marks `step` running (first look only) and returns the run as stored.
+pub async fn start(deps: &Deps, run: &Run, step: &str) -> Result<Run, StepError> {
+    let now = OffsetDateTime::now_utc();
+    deps.runs
+        .update(&run.app, &run.id, |r| {
+            let Some(s) = r.steps.get_mut(step) else {
+                return Ok(false);
+            };
+            if s.status != StepStatus::Pending {
+                return Ok(false);
+            }
+            s.status = StepStatus::Running;
+            s.started_at = Some(now);
+            Ok(true)
+        })
+        .await
+        .map_err(|source| StepError::Record {
+            run: run.id.clone(),
+            source,
+        })
+}
+
+/// Whether `run` is waiting for attempt `attempt` of `step` in `status`.
+/// Anything else (a redelivery, a stale attempt, a run that moved on) must be
+/// acknowledged without side effects.
+pub fn waiting_for(run: &Run, status: RunStatus, step: &str, attempt: u32) -> bool {
+    run.status == status
+        && run.steps.get(step).is_some_and(|s| {
+            matches!(s.status, StepStatus::Pending | StepStatus::Running) && s.attempts == attempt
+        })
+}
+
+/// Whether `digest` is in `apps/{app}/blocked/`.
+pub async fn is_blocked(
+    deps: &Deps,
+    app: &AppName,
+    digest: &Digest,
+) -> Result<bool, PipelineError> {
+    Ok(deps
+        .runs
+        .raw()
+        .get(&blobs::blocked(app, digest))
+        .await?
+        .is_some())
+}

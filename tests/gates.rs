@@ -1,0 +1,235 @@
+//! End-to-end through the gates in `gantry dev`: a push and its image event,
+//! a Trivy report on disk, gantry's built-in policies and a policy folder.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+use support::{DevHost, example, repo_root};
+
+const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
+
+fn write_config(
+    dir: &Path,
+    trivy_dir: &Path,
+    policy_folder: Option<&Path>,
+) -> Result<std::path::PathBuf> {
+    let mut text = format!(
+        "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n\n[scan]\nthreshold = \"high\"\ntrivy_dir = {:?}\n",
+        trivy_dir.display().to_string()
+    );
+    if let Some(folder) = policy_folder {
+        text.push_str(&format!(
+            "\n[policy]\nfolder = {:?}\n",
+            folder.display().to_string()
+        ));
+    }
+    let path = dir.join("gantry.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Posts the example push and image event, then waits for the run to settle
+/// in one of `until` statuses.
+async fn run_to(host: &DevHost, until: &[&str]) -> Result<Value> {
+    let (status, body) = host
+        .github(
+            "push",
+            "44444444-2222-4333-8444-555555555555",
+            &example("github-push.json"),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        host.enqueue(
+            "registry-events",
+            Some("831e1650-001e-001b-66ab-eeb76e069631"),
+            &example("acr-image-pushed.json")
+        )
+        .await?,
+        201
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let runs = host.runs(&[])?;
+        if let Some(run) = runs.first() {
+            if until.contains(&run["status"].as_str().unwrap_or_default()) {
+                return Ok(run.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("run did not reach {until:?}: {runs:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_critical_cve_blocks_the_run_with_the_cve_on_the_record() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let scans = dir.path().join("scans");
+    std::fs::create_dir_all(&scans)?;
+    std::fs::copy(
+        repo_root().join("examples/trivy-criticals.json"),
+        scans.join(format!("{DIGEST}.trivy.json")),
+    )?;
+    let config = write_config(dir.path(), &scans, None)?;
+    let host = DevHost::start(
+        &dir.path().join("state"),
+        &["--config", config.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    assert_eq!(run["status"], "blocked", "{run:#}");
+    let scan = &run["steps"]["scan"];
+    assert_eq!(scan["status"], "blocked");
+    let blocking = scan["details"]["blocking"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!blocking.is_empty(), "{scan:#}");
+    assert!(
+        blocking.iter().any(|f| f["severity"] == "critical"
+            && f["id"].as_str().is_some_and(|id| id.starts_with("CVE-"))),
+        "{blocking:#?}"
+    );
+    for field in ["package", "installed_version"] {
+        assert!(
+            blocking[0][field].is_string(),
+            "{field} missing: {:#}",
+            blocking[0]
+        );
+    }
+    assert!(run["steps"].get("policy").is_none(), "never reached policy");
+    let deploy = host.queue("deploy").await?;
+    assert_eq!(deploy["stats"]["active"], 0);
+    assert_eq!(
+        host.queue("alerts").await?["stats"]["active"],
+        1,
+        "one high alert"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_clean_report_and_compliant_app_reach_the_deploy_queue() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(
+        dir.path(),
+        &repo_root().join("examples/scans"),
+        Some(&repo_root().join("examples/policies")),
+    )?;
+    let host = DevHost::start(
+        &dir.path().join("state"),
+        &["--config", config.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    assert_eq!(run["status"], "deploying", "{run:#}");
+    assert_eq!(run["steps"]["scan"]["status"], "passed");
+    let policy = &run["steps"]["policy"];
+    assert_eq!(policy["status"], "passed", "{policy:#}");
+    assert!(
+        policy["details"]["constraints"].as_u64().unwrap_or(0) >= 2,
+        "built-ins and the folder: {policy:#}"
+    );
+    assert!(
+        policy["details"]["manifest_hash"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64)
+    );
+    let deploy = host.queue("deploy").await?;
+    let messages = deploy["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(messages.len(), 1, "{deploy:#}");
+    let id = run["id"].as_str().unwrap_or_default();
+    assert_eq!(messages[0]["message_id"], format!("{id}:deploy:1"));
+    assert_eq!(
+        messages[0]["session_id"], "web",
+        "deploys are ordered per app"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_constraint_the_app_violates_blocks_with_its_message() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::copy(
+        repo_root().join("examples/policies/required-labels/template.yaml"),
+        policies.join("template.yaml"),
+    )?;
+    std::fs::write(
+        policies.join("constraint.yaml"),
+        "apiVersion: constraints.gatekeeper.sh/v1beta1\nkind: K8sRequiredLabels\nmetadata:\n  name: deployments-need-an-owner\nspec:\n  match:\n    kinds:\n      - apiGroups: [\"apps\"]\n        kinds: [\"Deployment\"]\n  parameters:\n    labels: [\"owner\"]\n",
+    )?;
+    let config = write_config(
+        dir.path(),
+        &repo_root().join("examples/scans"),
+        Some(&policies),
+    )?;
+    let host = DevHost::start(
+        &dir.path().join("state"),
+        &["--config", config.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    assert_eq!(run["status"], "blocked", "{run:#}");
+    let policy = &run["steps"]["policy"];
+    assert_eq!(policy["status"], "blocked");
+    let summary = policy["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.contains("deployments-need-an-owner") && summary.contains("owner"),
+        "{summary}"
+    );
+    let violations = policy["details"]["violations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(violations.len(), 1, "{violations:#?}");
+    assert_eq!(violations[0]["kind"], "Deployment");
+    assert_eq!(host.queue("deploy").await?["stats"]["active"], 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_broken_policy_file_fails_the_run_naming_file_and_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    let template = std::fs::read_to_string(
+        repo_root().join("examples/policies/required-labels/template.yaml"),
+    )?;
+    std::fs::write(
+        policies.join("broken.yaml"),
+        template.replace("count(missing) > 0", "count(missing) > > 0"),
+    )?;
+    let config = write_config(
+        dir.path(),
+        &repo_root().join("examples/scans"),
+        Some(&policies),
+    )?;
+    let host = DevHost::start(
+        &dir.path().join("state"),
+        &["--config", config.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let summary = run["steps"]["policy"]["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(summary.contains("broken.yaml"), "names the file: {summary}");
+    assert!(
+        summary.contains(":3") || summary.contains("line"),
+        "names a line: {summary}"
+    );
+    // Acknowledged, not retried forever: nothing left in the policy queue.
+    host.drain("policy").await?;
+    assert_eq!(host.queue("policy").await?["stats"]["dead_lettered"], 0);
+    Ok(())
+}
