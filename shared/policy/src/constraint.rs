@@ -278,8 +278,8 @@ impl Matcher {
         let is_namespace = s.is_namespace();
         let has_namespace = s.namespace.is_some_and(|n| !n.is_empty());
         match self.scope {
-            Scope::Cluster if !(is_namespace || !has_namespace) => return false,
-            Scope::Namespaced if !(!is_namespace && has_namespace) => return false,
+            Scope::Cluster if !is_namespace && has_namespace => return false,
+            Scope::Namespaced if is_namespace || !has_namespace => return false,
             _ => {}
         }
         // The namespace an object is "in": a Namespace is in itself; a

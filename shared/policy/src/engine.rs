@@ -113,7 +113,7 @@ pub(crate) struct Located {
     /// Index of the template the module belongs to.
     pub template: Option<usize>,
     /// Line within the Rego source.
-    pub rego_line: Option<usize>,
+    pub rego_line: Option<u32>,
 }
 
 impl Origins {
@@ -245,9 +245,11 @@ impl Builder {
             }
         })?;
         self.engine.set_rego_v0(!source.rego_v1);
-        for (path, rego, part) in modules {
-            self.origins.0.insert(path.clone(), origin(part));
-            if let Err(e) = self.engine.add_policy(path, rego) {
+        for module in modules {
+            self.origins
+                .0
+                .insert(module.path.clone(), origin(module.part));
+            if let Err(e) = self.engine.add_policy(module.path, module.rego) {
                 self.engine.set_rego_v0(true);
                 return Err(self.compile_error(&source.name, file, &e.to_string()));
             }
@@ -378,4 +380,46 @@ pub(crate) fn raw_engine(template_yaml: &str) -> Result<(Engine, String), Policy
             .map_err(fail)?;
     }
     Ok((engine, format!("{package}.violation")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use serde_json::json;
+
+    fn eval(rego: &str) -> Value {
+        let mut engine = new_engine();
+        engine.add_policy("t.rego".into(), rego.into()).unwrap();
+        engine.set_input(regorus::Value::new_object());
+        serde_json::to_value(engine.eval_rule("data.t.x".into()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn deprecated_builtins_are_provided() {
+        assert_eq!(
+            eval("package t\nx = re_match(\"^a+$\", \"aaa\")\n"),
+            json!(true)
+        );
+        assert_eq!(
+            eval("package t\nx = re_match(\"^a+$\", \"ab\")\n"),
+            json!(false)
+        );
+        // A bad pattern is undefined, as in OPA with non-strict builtins.
+        assert_eq!(
+            eval("package t\nx = true { not re_match(\"(\", \"a\") }\n"),
+            json!(true)
+        );
+        assert_eq!(
+            eval("package t\nx = [any([false, true]), all([true, false]), all([])]\n"),
+            json!([true, false, true])
+        );
+        assert_eq!(eval("package t\nx = any({false})\n"), json!(false));
+    }
+
+    #[test]
+    fn templates_may_still_define_functions_named_like_extensions() {
+        let rego = "package t\nall(xs) = \"mine\" { true }\nx = all([false])\n";
+        assert_eq!(eval(rego), json!("mine"));
+    }
 }

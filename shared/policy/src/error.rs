@@ -11,7 +11,7 @@ pub struct Place {
     /// The file as given (a path, or `policies/<name>/template.yaml` for built-ins).
     pub file: String,
     /// 1-based line in that file, when known.
-    pub line: Option<usize>,
+    pub line: Option<u32>,
 }
 
 impl Place {
@@ -22,7 +22,7 @@ impl Place {
         }
     }
 
-    pub(crate) fn at(file: impl Into<String>, line: Option<usize>) -> Self {
+    pub(crate) fn at(file: impl Into<String>, line: Option<u32>) -> Self {
         Self {
             file: file.into(),
             line,
@@ -83,7 +83,7 @@ pub enum PolicyError {
         /// `metadata.name` of the template.
         template: String,
         /// Line within the Rego source, when regorus reported one.
-        rego_line: Option<usize>,
+        rego_line: Option<u32>,
         /// regorus' message, with its source excerpt.
         message: String,
     },
@@ -106,8 +106,9 @@ pub enum PolicyError {
         "evaluating {template} (constraint {constraint}) on {object} failed at {place}: {message}"
     )]
     Evaluate {
-        /// File and YAML line of the failing Rego (or the template file).
-        place: Place,
+        /// File and YAML line of the failing Rego (or the template file);
+        /// boxed to keep the error small.
+        place: Box<Place>,
         /// Template name.
         template: String,
         /// Constraint name.

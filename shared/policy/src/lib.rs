@@ -182,11 +182,12 @@ impl PolicySet {
                 ]);
                 engine.set_input(regorus::Value::from(input));
                 let fail = |message: String| PolicyError::Evaluate {
-                    place: self
-                        .origins
-                        .locate(&message)
-                        .place
-                        .unwrap_or_else(|| template.place.clone()),
+                    place: Box::new(
+                        self.origins
+                            .locate(&message)
+                            .place
+                            .unwrap_or_else(|| template.place.clone()),
+                    ),
                     template: template.name.clone(),
                     constraint: c.name.clone(),
                     object: review.describe(),
@@ -278,8 +279,9 @@ fn yaml_files(root: &Path) -> Result<Vec<PathBuf>, PolicyError> {
             if name.starts_with('.') {
                 continue;
             }
-            let meta = std::fs::metadata(&path).map_err(|e| read_err(&path, e))?;
-            if meta.is_dir() {
+            // Symlinked folders are not followed (no cycles); symlinked files are.
+            let kind = entry.file_type().map_err(|e| read_err(&path, e))?;
+            if kind.is_dir() {
                 stack.push(path);
             } else if name.ends_with(".yaml") || name.ends_with(".yml") {
                 out.push(path);

@@ -50,7 +50,8 @@ impl<'a> Review<'a> {
     /// A gator test object that is an `AdmissionReview`: the review is its
     /// `request` as written (so UPDATE/DELETE and `oldObject` can be tested);
     /// on DELETE without `object` the old object is reviewed, as Gatekeeper
-    /// does. `None` when the request has neither object.
+    /// does. A request without `kind` (the gatekeeper-library has such
+    /// samples) gets the object's. `None` when the request has neither object.
     pub(crate) fn of_admission_review(ar: &'a Value) -> Option<Self> {
         let request = ar.get("request")?;
         let object = request
@@ -59,8 +60,20 @@ impl<'a> Review<'a> {
             .or_else(|| request.get("oldObject").filter(|o| !o.is_null()))?;
         let mut review = request.as_object()?.clone();
         review.insert("object".into(), object.clone());
-        let group = str_at(request, &["kind", "group"]);
-        let kind = str_at(request, &["kind", "kind"]);
+        let (group, kind) = if str_at(request, &["kind", "kind"]).is_empty() {
+            let (group, version) = group_version(str_at(object, &["apiVersion"]));
+            let kind = str_at(object, &["kind"]);
+            review.insert(
+                "kind".into(),
+                serde_json::json!({"group": group, "version": version, "kind": kind}),
+            );
+            (group, kind)
+        } else {
+            (
+                str_at(request, &["kind", "group"]),
+                str_at(request, &["kind", "kind"]),
+            )
+        };
         Some(Self {
             object,
             value: regorus::Value::from(Value::Object(review)),

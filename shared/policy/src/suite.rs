@@ -204,7 +204,9 @@ fn find_suites(root: &Path) -> Result<Vec<PathBuf>, PolicyError> {
                 continue;
             }
             let path = entry.path();
-            if path.is_dir() {
+            // Symlinked folders are not followed (no cycles).
+            let kind = entry.file_type().map_err(|e| read_err(&path, e))?;
+            if kind.is_dir() {
                 stack.push(path);
             } else if name == "suite.yaml" || name == "suite.yml" {
                 out.push(path);
@@ -215,11 +217,19 @@ fn find_suites(root: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     Ok(out)
 }
 
+/// A file a suite refers to, parsed.
+#[derive(Clone)]
+struct Loaded {
+    label: String,
+    text: Arc<str>,
+    docs: Arc<Vec<Value>>,
+}
+
 /// Runs the tests of one suite, caching the files they share.
 struct Runner<'a> {
     suite: &'a Path,
     dir: &'a Path,
-    files: HashMap<PathBuf, Result<(Arc<str>, Arc<Vec<Value>>), String>>,
+    files: HashMap<PathBuf, Result<Loaded, String>>,
     report: &'a mut SuiteReport,
 }
 
@@ -235,15 +245,21 @@ impl Runner<'_> {
     }
 
     /// Reads and parses a file relative to the suite, once.
-    fn docs(&mut self, relative: &str) -> Result<(String, Arc<str>, Arc<Vec<Value>>), String> {
+    fn docs(&mut self, relative: &str) -> Result<Loaded, String> {
         let path = self.dir.join(relative);
-        let label = path.display().to_string();
-        let entry = self.files.entry(path.clone()).or_insert_with(|| {
-            let text = read_file(&path).map_err(|e| e.to_string())?;
-            let docs = parse_docs(&label, &text).map_err(|e| e.to_string())?;
-            Ok((Arc::from(text), Arc::new(docs)))
-        });
-        entry.clone().map(|(text, docs)| (label, text, docs))
+        self.files
+            .entry(path.clone())
+            .or_insert_with(|| {
+                let label = path.display().to_string();
+                let text = read_file(&path).map_err(|e| e.to_string())?;
+                let docs = parse_docs(&label, &text).map_err(|e| e.to_string())?;
+                Ok(Loaded {
+                    label,
+                    text: Arc::from(text),
+                    docs: Arc::new(docs),
+                })
+            })
+            .clone()
     }
 
     fn run_test(&mut self, test: &TestDoc) {
@@ -294,23 +310,27 @@ impl Runner<'_> {
         if test.constraint.is_empty() {
             return Err(Setup::Other("the test names no constraint".into()));
         }
-        let (file, text, docs) = self.docs(&test.template).map_err(Setup::Other)?;
-        let (index, doc) = docs
+        let template = self.docs(&test.template).map_err(Setup::Other)?;
+        let (index, doc) = template
+            .docs
             .iter()
             .enumerate()
             .find(|(_, d)| is_template(d))
-            .ok_or_else(|| Setup::Other(format!("{file} holds no ConstraintTemplate")))?;
+            .ok_or_else(|| {
+                Setup::Other(format!("{} holds no ConstraintTemplate", template.label))
+            })?;
         let mut builder = Builder::new();
         builder
-            .add_template(&file, &text, index, doc)
+            .add_template(&template.label, &template.text, index, doc)
             .map_err(|e| Setup::Other(e.to_string()))?;
-        let (cfile, _, cdocs) = self.docs(&test.constraint).map_err(Setup::Other)?;
-        let constraint = cdocs
+        let constraints = self.docs(&test.constraint).map_err(Setup::Other)?;
+        let constraint = constraints
+            .docs
             .iter()
             .find(|d| is_constraint(d))
-            .ok_or_else(|| Setup::Other(format!("{cfile} holds no Constraint")))?;
+            .ok_or_else(|| Setup::Other(format!("{} holds no Constraint", constraints.label)))?;
         builder
-            .add_constraint(&cfile, constraint)
+            .add_constraint(&constraints.label, constraint)
             .map_err(|e| Setup::Constraint(e.to_string()))?;
         crate::PolicySet::from_builder(builder).map_err(|e| Setup::Other(e.to_string()))
     }
@@ -322,7 +342,9 @@ impl Runner<'_> {
         if case.assertions.is_empty() {
             return Err("the case must have at least one assertion".into());
         }
-        let (file, _, objects) = self.docs(&case.object)?;
+        let loaded = self.docs(&case.object)?;
+        let file = &loaded.label;
+        let objects = &loaded.docs;
         if objects.len() != 1 {
             return Err(format!(
                 "{file} defines {} objects, want exactly 1",
@@ -332,11 +354,11 @@ impl Runner<'_> {
         let object = &objects[0];
         let mut inventory = Vec::new();
         for relative in &case.inventory {
-            let (file, _, docs) = self.docs(relative)?;
-            if docs.is_empty() {
-                return Err(format!("{file} defines no objects"));
+            let loaded = self.docs(relative)?;
+            if loaded.docs.is_empty() {
+                return Err(format!("{} defines no objects", loaded.label));
             }
-            inventory.extend(docs.iter().cloned());
+            inventory.extend(loaded.docs.iter().cloned());
         }
         let is_admission_review = str_at(object, &["kind"]) == "AdmissionReview"
             && str_at(object, &["apiVersion"]).starts_with("admission.k8s.io/");

@@ -150,20 +150,34 @@ impl TemplateSource {
 
     /// The modules to load, renamed into this template's namespace, each with
     /// the source path regorus reports in errors and which part it is.
-    pub(crate) fn rewritten_modules(
-        &self,
-        file: &str,
-    ) -> Result<Vec<(String, String, RegoPart)>, (RegoPart, String)> {
+    pub(crate) fn rewritten_modules(&self, file: &str) -> Result<Vec<Module>, (RegoPart, String)> {
         let mut modules = Vec::with_capacity(1 + self.libs.len());
         let main = rewrite(&self.rego, &self.kind, Role::Main).map_err(|e| (RegoPart::Main, e))?;
-        modules.push((format!("{file}#{}/rego", self.name), main, RegoPart::Main));
+        modules.push(Module {
+            path: format!("{file}#{}/rego", self.name),
+            rego: main,
+            part: RegoPart::Main,
+        });
         for (i, lib) in self.libs.iter().enumerate() {
             let part = RegoPart::Lib(i);
-            let text = rewrite(lib, &self.kind, Role::Lib).map_err(|e| (part, e))?;
-            modules.push((format!("{file}#{}/libs[{i}]", self.name), text, part));
+            modules.push(Module {
+                path: format!("{file}#{}/libs[{i}]", self.name),
+                rego: rewrite(lib, &self.kind, Role::Lib).map_err(|e| (part, e))?,
+                part,
+            });
         }
         Ok(modules)
     }
+}
+
+/// One rewritten Rego module, ready for `Engine::add_policy`.
+pub(crate) struct Module {
+    /// The source path regorus reports: `file#template/rego` or `.../libs[i]`.
+    pub path: String,
+    /// The rewritten source.
+    pub rego: String,
+    /// Which part of the template it is.
+    pub part: RegoPart,
 }
 
 /// Which module of a template is being rewritten.
@@ -310,7 +324,7 @@ pub(crate) fn rewrite(src: &str, kind: &str, role: Role) -> Result<String, Strin
 }
 
 /// Finds regorus' `--> path:line:col` pointer in an error message.
-pub(crate) fn error_position(message: &str) -> Option<(String, usize)> {
+pub(crate) fn error_position(message: &str) -> Option<(String, u32)> {
     let pointer = message
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("--> "))?;

@@ -21,7 +21,7 @@ pub(crate) fn read_file(path: &Path) -> Result<String, PolicyError> {
 /// documents (a lone `---`, comments only) are skipped, as kubectl does.
 pub(crate) fn parse_docs(file: &str, text: &str) -> Result<Vec<Value>, PolicyError> {
     let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
-        let line = e.location().map(|l| l.line() as usize);
+        let line = e.location().and_then(|l| u32::try_from(l.line()).ok());
         PolicyError::ParseYaml {
             place: Place::at(file, line),
             // The parser names the input `<input>`; name the real file instead.
@@ -86,7 +86,7 @@ pub(crate) fn rego_start_line(
     doc_index: usize,
     code_form: bool,
     part: RegoPart,
-) -> Option<usize> {
+) -> Option<u32> {
     let docs: Vec<Option<SpanDoc>> = serde_saphyr::from_multiple(text).ok()?;
     let docs: Vec<SpanDoc> = docs.into_iter().flatten().collect();
     let target = docs.get(doc_index)?.spec.targets.first()?;
@@ -100,7 +100,7 @@ pub(crate) fn rego_start_line(
         RegoPart::Main => rego?,
         RegoPart::Lib(i) => libs.get(i)?,
     };
-    Some(spanned.referenced.line() as usize)
+    u32::try_from(spanned.referenced.line()).ok()
 }
 
 /// `apiVersion` split into group and version (`v1` → `("", "v1")`).

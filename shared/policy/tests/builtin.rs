@@ -1,5 +1,8 @@
 //! The built-in policies: their suites pass, and they judge a whole app.
 
+// Tests may unwrap, helpers included (the workspace lint allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -127,7 +130,7 @@ fn evaluation_rate() {
             d
         })
         .collect();
-    let inventory = vec![good_namespace()];
+    let inventory = [good_namespace()];
     for (label, inv) in [
         ("no inventory", &[][..]),
         ("with inventory", &inventory[..]),

@@ -1,6 +1,9 @@
 //! Gatekeeper semantics, on templates in the real gatekeeper-library format
 //! (fixtures authored for these tests under `tests/fixtures/`).
 
+// Tests may unwrap, helpers included (the workspace lint allows it only in #[test] fns).
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use gantry_policy::{EnforcementAction, PolicyError, PolicySet, Violation, run_suites};
@@ -474,10 +477,10 @@ fn library_layout_suites_run_unmodified() {
     for f in &report.failures {
         eprintln!("{f}");
     }
-    // requiredlabels: 4 cases + 1 invalid test (1 case and 1 test skipped);
+    // requiredlabels: 5 cases + 1 invalid test (1 case and 1 test skipped);
     // uniqueingresshost: 2 cases.
-    assert_eq!((report.passed, report.failed), (7, 0), "{report}");
-    assert_eq!(report.summary(), "7 passed, 0 failed");
+    assert_eq!((report.passed, report.failed), (8, 0), "{report}");
+    assert_eq!(report.summary(), "8 passed, 0 failed");
 }
 
 #[test]
@@ -614,4 +617,27 @@ fn raw_engine_for_bench_evaluates_one_template() {
     engine.set_input(gantry_policy::regorus::Value::from(input));
     let result = engine.eval_rule(query).unwrap();
     assert_eq!(result.as_set().unwrap().len(), 1);
+}
+
+#[test]
+fn builtins_and_a_folder_load_together_but_kinds_stay_unique() {
+    let set = PolicySet::load(true, Some(&fixtures().join("shared-lib"))).unwrap();
+    assert_eq!(set.templates().len(), 11);
+    assert_eq!(set.constraints(), 11);
+    assert_eq!(&set.templates()[9..], &["k8sliba", "k8slibb"]);
+
+    let clash = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/probes/template.yaml"),
+    )
+    .unwrap()
+    .replace("name: gantryprobes", "name: myprobes");
+    let dir = folder(&[("mine.yaml", &clash)]);
+    let err = PolicySet::load(true, Some(dir.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kind GantryProbes is already defined"),
+        "{err}"
+    );
+    assert!(err.contains("policies/probes/template.yaml"), "{err}");
 }
