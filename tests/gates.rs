@@ -4,9 +4,8 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::Value;
 use support::{DevHost, example, repo_root};
 
@@ -52,19 +51,7 @@ async fn run_to(host: &DevHost, until: &[&str]) -> Result<Value> {
         .await?,
         201
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let runs = host.runs(&[])?;
-        if let Some(run) = runs.first() {
-            if until.contains(&run["status"].as_str().unwrap_or_default()) {
-                return Ok(run.clone());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("run did not reach {until:?}: {runs:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    host.settle(until, &[]).await
 }
 
 #[tokio::test]
