@@ -395,6 +395,12 @@ fn gantry_command(state: &Path, port: u16) -> Command {
         .env_remove("FUNCTIONS_CUSTOMHANDLER_PORT")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    // `gantry dev` reads ./gantry.toml when present: run it beside its state so
+    // it always uses the embedded example configuration (which tracks
+    // contoso/web on main), whatever the caller's working directory holds.
+    if let Some(dir) = state.parent() {
+        command.current_dir(dir);
+    }
     command
 }
 
