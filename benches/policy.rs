@@ -82,26 +82,40 @@ fn main() -> Result<()> {
         .clone();
     let violations = set.evaluate(&objects, &[])?;
     anyhow::ensure!(
-        violations.iter().all(|v| !v.enforcement_action.is_blocking()),
+        violations
+            .iter()
+            .all(|v| !v.enforcement_action.is_blocking()),
         "the example app must comply: {violations:?}"
     );
 
     let mut rows = Vec::new();
-    rows.push(measure("policy stage: render + all policies on all objects", n, || {
-        let rendered = render()?;
-        let v = set.evaluate(&rendered.objects, &[])?;
-        std::hint::black_box(v);
-        Ok(())
-    })?);
-    rows.push(measure("PolicySet::evaluate, all policies, all objects (no render)", n, || {
-        std::hint::black_box(set.evaluate(&objects, &[])?);
-        Ok(())
-    })?);
+    rows.push(measure(
+        "policy stage: render + all policies on all objects",
+        n,
+        || {
+            let rendered = render()?;
+            let v = set.evaluate(&rendered.objects, &[])?;
+            std::hint::black_box(v);
+            Ok(())
+        },
+    )?);
+    rows.push(measure(
+        "PolicySet::evaluate, all policies, all objects (no render)",
+        n,
+        || {
+            std::hint::black_box(set.evaluate(&objects, &[])?);
+            Ok(())
+        },
+    )?);
     let one = PolicySet::load(false, Some(&folder.join("required-labels")))?;
-    rows.push(measure("PolicySet::evaluate, k8srequiredlabels, the Deployment", n, || {
-        std::hint::black_box(one.evaluate(std::slice::from_ref(&deployment), &[])?);
-        Ok(())
-    })?);
+    rows.push(measure(
+        "PolicySet::evaluate, k8srequiredlabels, the Deployment",
+        n,
+        || {
+            std::hint::black_box(one.evaluate(std::slice::from_ref(&deployment), &[])?);
+            Ok(())
+        },
+    )?);
     let template = std::fs::read_to_string(folder.join("required-labels/template.yaml"))?;
     let (mut engine, rule) = gantry_policy::raw_engine_for_bench(&template)?;
     let input = serde_json::json!({
@@ -110,14 +124,23 @@ fn main() -> Result<()> {
         "parameters": {"labels": ["app.kubernetes.io/name", "app.kubernetes.io/managed-by"]},
     })
     .to_string();
-    rows.push(measure("raw regorus (one prepared engine), k8srequiredlabels, the Deployment", n, || {
-        engine.set_input_json(&input)?;
-        std::hint::black_box(engine.eval_rule(rule.clone())?);
-        Ok(())
-    })?);
+    rows.push(measure(
+        "raw regorus (one prepared engine), k8srequiredlabels, the Deployment",
+        n,
+        || {
+            engine.set_input_json(&input)?;
+            std::hint::black_box(engine.eval_rule(rule.clone())?);
+            Ok(())
+        },
+    )?);
 
-    println!("\n## Policy stage ({} templates, {} constraints, {} objects; policy set compiled in {:.1} ms)\n",
-        set.templates().len(), set.constraints(), objects.len(), load.as_secs_f64() * 1e3);
+    println!(
+        "\n## Policy stage ({} templates, {} constraints, {} objects; policy set compiled in {:.1} ms)\n",
+        set.templates().len(),
+        set.constraints(),
+        objects.len(),
+        load.as_secs_f64() * 1e3
+    );
     println!("| scenario | iterations | per second | p50 | p99 | max |");
     println!("|---|---:|---:|---:|---:|---:|");
     for r in &rows {

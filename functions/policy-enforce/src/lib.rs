@@ -133,6 +133,27 @@ pub async fn handle(
         steps::POLICY,
         request.attempt,
     ) {
+        // The outcome is recorded, but the deploy message or the alert may have
+        // been lost if the previous delivery failed after recording (transient
+        // send error, crash): this redelivery is the only retry, so repeat it.
+        // Their MessageIds make a repeat a no-op; the record is not touched.
+        if let Some(what) = step::repeat_after_redelivery(
+            deps,
+            &run,
+            steps::POLICY,
+            request.attempt,
+            &digest,
+            Some(step::Next {
+                queue: "deploy",
+                step: steps::DEPLOY,
+                waiting: RunStatus::Deploying,
+                sessions: true,
+            }),
+        )
+        .await?
+        {
+            return Ok(Done(format!("run {run_id}: {what}")));
+        }
         return Ok(Done(format!(
             "run {run_id}: not waiting for policy attempt {} (run is {}); nothing to do",
             request.attempt, run.status
@@ -227,7 +248,7 @@ pub async fn handle(
         return Ok(Done(format!("run {run_id}: blocked: {reason}")));
     }
     let summary = format!(
-        "{constraints} constraints from {templates} templates: no violations{}",
+        "{constraints} constraint(s) from {templates} template(s): no violations{}",
         if advisory.is_empty() {
             String::new()
         } else {
@@ -257,6 +278,10 @@ async fn pass(
     let updated = deps
         .runs
         .update(&run.app, &run.id, |r| {
+            // The run may have moved on (blocked, superseded) since it was read.
+            if r.status != RunStatus::CheckingPolicy {
+                return Ok(false);
+            }
             let Some(s) = r.steps.get_mut(steps::POLICY) else {
                 return Ok(false);
             };

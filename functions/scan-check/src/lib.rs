@@ -157,6 +157,26 @@ pub async fn handle(inv: Invocation<ScanMessage>, deps: &Deps) -> Result<Done, S
         });
     }
     if !step::waiting_for(&run, RunStatus::Scanning, steps::SCAN, request.attempt) {
+        // The outcome is recorded, but what follows it (the `policy` message,
+        // the alert) may have been lost if the previous delivery failed after
+        // recording: the host redelivers for exactly that. Repeat it.
+        if let Some(what) = step::repeat_after_redelivery(
+            deps,
+            &run,
+            steps::SCAN,
+            request.attempt,
+            &digest,
+            Some(step::Next {
+                queue: "policy",
+                step: steps::POLICY,
+                waiting: RunStatus::CheckingPolicy,
+                sessions: false,
+            }),
+        )
+        .await?
+        {
+            return Ok(Done(format!("run {run_id}: {what}")));
+        }
         // Redelivery, a stale attempt, or a run that moved on: no side effects.
         let status = run
             .steps
@@ -417,6 +437,10 @@ async fn pass(
     let updated = deps
         .runs
         .update(&run.app, &run.id, |r| {
+            // The run may have moved on (blocked, superseded) since it was read.
+            if r.status != RunStatus::Scanning {
+                return Ok(false);
+            }
             let Some(s) = r.steps.get_mut(steps::SCAN) else {
                 return Ok(false);
             };

@@ -287,3 +287,95 @@ pub async fn is_blocked(
         .await?
         .is_some())
 }
+
+/// The step that follows a passed one: its queue, its name, the run status
+/// that waits for it, and whether its queue uses sessions (keyed by app).
+#[derive(Debug, Clone, Copy)]
+pub struct Next {
+    /// Queue of the next step.
+    pub queue: &'static str,
+    /// Name of the next step.
+    pub step: &'static str,
+    /// Run status while the next step is pending.
+    pub waiting: RunStatus,
+    /// Whether messages carry `SessionId` = app.
+    pub sessions: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+/// For a message whose step already finished (a redelivery): repeat what may
+/// have been lost if the previous delivery crashed or failed *after* recording
+/// the outcome — the next step's message, or the blocked/failed alert. Their
+/// MessageIds make a repeat a no-op. Returns what was repeated, if anything.
+pub async fn repeat_after_redelivery(
+    deps: &Deps,
+    run: &Run,
+    step: &str,
+    attempt: u32,
+    digest: &Digest,
+    next: Option<Next>,
+) -> Result<Option<String>, StepError> {
+    let Some(s) = run.steps.get(step).filter(|s| s.attempts == attempt) else {
+        return Ok(None);
+    };
+    let reason = s.summary.clone().unwrap_or_default();
+    match s.status {
+        StepStatus::Passed => {
+            let Some(next) = next else { return Ok(None) };
+            if run.status != next.waiting {
+                return Ok(None);
+            }
+            let Some(pending) = run
+                .steps
+                .get(next.step)
+                .filter(|n| n.status == StepStatus::Pending)
+            else {
+                return Ok(None);
+            };
+            let session = next.sessions.then_some(&run.app);
+            send_step(
+                deps,
+                next.queue,
+                next.step,
+                run,
+                digest,
+                pending.attempts,
+                session,
+            )
+            .await?;
+            Ok(Some(format!(
+                "{step} already passed; {} hand-off repeated",
+                next.step
+            )))
+        }
+        StepStatus::Blocked if run.status == RunStatus::Blocked => {
+            alert(
+                deps,
+                run,
+                step,
+                &format!("{step}-blocked"),
+                &format!("{step}-blocked"),
+                Severity::High,
+                Some(digest),
+                format!("{}: {reason}", run.app),
+            )
+            .await?;
+            Ok(Some(format!("{step} already blocked; alert repeated")))
+        }
+        StepStatus::Failed if run.status == RunStatus::Failed => {
+            alert(
+                deps,
+                run,
+                step,
+                &format!("{step}-failed"),
+                "run-failed",
+                Severity::High,
+                Some(digest),
+                format!("{}: {step} failed: {reason}", run.app),
+            )
+            .await?;
+            Ok(Some(format!("{step} already failed; alert repeated")))
+        }
+        _ => Ok(None),
+    }
+}
