@@ -61,7 +61,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
         .config
         .clone()
         .or_else(|| Some(PathBuf::from("gantry.toml")).filter(|p| p.is_file()));
-    let config = crate::wiring::load_config(config_path.as_deref())?;
+    let mut config = crate::wiring::load_config(config_path.as_deref())?;
+    // The GitOps hand-off folder of the directory target lives with the rest
+    // of the dev state unless gantry.toml names one.
+    if config.deploy.dir.is_none() {
+        config.deploy.dir = Some(std::path::absolute(args.store.state.join("deploy"))?);
+    }
     let store = crate::wiring::open_store(&args.store).await?;
     let options = QueueOptions {
         lock_duration: Duration::from_secs(args.lock_seconds.max(1)),
@@ -83,6 +88,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             "GANTRY_GITHUB_WEBHOOK_SECRET is not set: using the development secret (gantry send signs with it too)"
         );
     }
+    let config_deploy_dir = config.deploy.dir.clone();
     // A developer login is needed only when an app scans with Defender.
     let config_uses_azure = uses_defender(&config);
     let deps = Arc::new(Deps {
@@ -125,6 +131,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         deps.config.apps.len()
     );
     println!("  queues at {}", args.store.state.join("queues").display());
+    if let Some(dir) = &config_deploy_dir {
+        println!("  deploy    directory target {}", dir.display());
+    }
     println!(
         "  functions {}",
         functions

@@ -13,6 +13,7 @@ pub fn all() -> Vec<Function> {
         fn_runs_api::function(),
         fn_scan_check::function(),
         fn_policy_enforce::function(),
+        fn_deploy::function(),
     ]
 }
 

@@ -11,19 +11,19 @@ const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const ACR_EVENT_ID: &str = "831e1650-001e-001b-66ab-eeb76e069631";
 
-/// Waits until the only run is `deploying` (the last step implemented so far).
+/// Waits until the only run is `deployed`.
 async fn settle(runs: &impl Fn() -> Result<Vec<Value>>) -> Result<Value> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let all = runs()?;
         if let [run] = all.as_slice()
-            && run["status"] == "deploying"
+            && run["status"] == "deployed"
         {
             return Ok(run.clone());
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "run did not reach deploying: {all:#?}"
+            "run did not reach deployed: {all:#?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -92,7 +92,7 @@ async fn push_then_image(host: &DevHost, runs: impl Fn() -> Result<Vec<Value>>) 
     assert_eq!(run, &settled, "redeliveries changed nothing");
     assert_eq!(run["id"], run_id.as_str());
     assert_eq!(run["app"], "web");
-    assert_eq!(run["status"], "deploying");
+    assert_eq!(run["status"], "deployed");
     assert_eq!(run["source"]["commit"], SHA);
     assert_eq!(run["source"]["pusher"], "monalisa");
     assert_eq!(run["source"]["repo"], "contoso/web");
@@ -107,25 +107,44 @@ async fn push_then_image(host: &DevHost, runs: impl Fn() -> Result<Vec<Value>>) 
     }
 
     // Exactly one scan message was sent and consumed (a second would still be
-    // queued or show as another scan attempt), and it led to exactly one
-    // deploy message.
-    let scan = host.queue("scan").await?;
-    assert_eq!(scan["stats"]["active"], 0, "{scan:#}");
-    assert_eq!(scan["stats"]["scheduled"], 0, "{scan:#}");
-    let deploy = host.queue("deploy").await?;
-    let messages = deploy["messages"].as_array().expect("messages");
-    assert_eq!(messages.len(), 1, "exactly one deploy message: {deploy:#}");
-    assert_eq!(messages[0]["message_id"], format!("{run_id}:deploy:1"));
-    let body: Value = serde_json::from_str(messages[0]["body"].as_str().expect("body"))?;
-    assert_eq!(body["run_id"], run_id.as_str());
-    assert_eq!(body["digest"], DIGEST);
-    assert_eq!(body["attempt"], 1);
+    // queued or show as another attempt), and so was exactly one deploy message.
+    for queue in ["scan", "policy", "deploy"] {
+        let q = host.queue(queue).await?;
+        assert_eq!(q["stats"]["active"], 0, "{queue}: {q:#}");
+        assert_eq!(q["stats"]["scheduled"], 0, "{queue}: {q:#}");
+    }
+    for step in ["scan", "policy", "deploy", "verify"] {
+        assert_eq!(run["steps"][step]["status"], "passed", "{step}: {run:#}");
+        assert_eq!(run["steps"][step]["attempts"], 1, "{step}: {run:#}");
+    }
+    // The directory target: one file per object under <state>/deploy/web/,
+    // the image by digest only.
+    let files: Vec<String> = std::fs::read_dir(host.state.join("deploy").join("web"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        files.iter().any(|f| f.contains("deployment-web")),
+        "{files:?}"
+    );
+    let deployment = files
+        .iter()
+        .find(|f| f.contains("deployment-web"))
+        .expect("file");
+    let yaml = std::fs::read_to_string(host.state.join("deploy/web").join(deployment))?;
+    assert!(
+        yaml.contains(&format!("contoso.azurecr.io/web@{DIGEST}")),
+        "{yaml}"
+    );
+    // One info alert for the deploy, nothing else.
+    let alerts = host.queue("alerts").await?;
+    let alerts = alerts["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["message_id"], format!("{run_id}:alert:deployed"));
     // Nothing was rejected or dead-lettered along the way.
     assert_eq!(
         host.queue("registry-events").await?["stats"]["dead_lettered"],
         0
     );
-    assert_eq!(host.queue("alerts").await?["stats"]["active"], 0);
     Ok(())
 }
 
@@ -178,7 +197,7 @@ async fn state_survives_a_restart_of_the_dev_host() -> Result<()> {
         .await?,
         201
     );
-    let run = host.settle(&["deploying"], &[]).await?;
+    let run = host.settle(&["deployed"], &[]).await?;
     assert_eq!(run["id"], run_id.as_str());
     Ok(())
 }
@@ -206,7 +225,7 @@ async fn cli_send_signs_and_routes_samples() -> Result<()> {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    host.settle(&["deploying"], &[]).await?;
+    host.settle(&["deployed"], &[]).await?;
     // A human table too.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
         .args(["runs", "list", "--state"])
@@ -215,7 +234,7 @@ async fn cli_send_signs_and_routes_samples() -> Result<()> {
     let table = String::from_utf8(out.stdout)?;
     assert!(table.starts_with("RUN "), "{table}");
     assert!(
-        table.contains("web") && table.contains("deploying") && table.contains("3f786850"),
+        table.contains("web") && table.contains("deployed") && table.contains("3f786850"),
         "{table}"
     );
     Ok(())

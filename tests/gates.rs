@@ -69,7 +69,7 @@ async fn a_critical_cve_blocks_the_run_with_the_cve_on_the_record() -> Result<()
         &["--config", config.to_str().unwrap_or_default()],
     )
     .await?;
-    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    let run = run_to(&host, &["blocked", "failed", "deployed"]).await?;
     assert_eq!(run["status"], "blocked", "{run:#}");
     let scan = &run["steps"]["scan"];
     assert_eq!(scan["status"], "blocked");
@@ -114,8 +114,8 @@ async fn a_clean_report_and_compliant_app_reach_the_deploy_queue() -> Result<()>
         &["--config", config.to_str().unwrap_or_default()],
     )
     .await?;
-    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
-    assert_eq!(run["status"], "deploying", "{run:#}");
+    let run = run_to(&host, &["blocked", "failed", "deployed"]).await?;
+    assert_eq!(run["status"], "deployed", "{run:#}");
     assert_eq!(run["steps"]["scan"]["status"], "passed");
     let policy = &run["steps"]["policy"];
     assert_eq!(policy["status"], "passed", "{policy:#}");
@@ -128,15 +128,13 @@ async fn a_clean_report_and_compliant_app_reach_the_deploy_queue() -> Result<()>
             .as_str()
             .is_some_and(|h| h.len() == 64)
     );
-    let deploy = host.queue("deploy").await?;
-    let messages = deploy["messages"].as_array().cloned().unwrap_or_default();
-    assert_eq!(messages.len(), 1, "{deploy:#}");
-    let id = run["id"].as_str().unwrap_or_default();
-    assert_eq!(messages[0]["message_id"], format!("{id}:deploy:1"));
+    assert_eq!(run["steps"]["deploy"]["status"], "passed", "{run:#}");
+    // The directory target holds the manifests the policy gate checked.
     assert_eq!(
-        messages[0]["session_id"], "web",
-        "deploys are ordered per app"
+        run["steps"]["deploy"]["details"]["manifest_hash"],
+        policy["details"]["manifest_hash"]
     );
+    assert!(dir.path().join("state/deploy/web").is_dir());
     Ok(())
 }
 
@@ -163,7 +161,7 @@ async fn a_constraint_the_app_violates_blocks_with_its_message() -> Result<()> {
         &["--config", config.to_str().unwrap_or_default()],
     )
     .await?;
-    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    let run = run_to(&host, &["blocked", "failed", "deployed"]).await?;
     assert_eq!(run["status"], "blocked", "{run:#}");
     let policy = &run["steps"]["policy"];
     assert_eq!(policy["status"], "blocked");
@@ -204,7 +202,7 @@ async fn a_broken_policy_file_fails_the_run_naming_file_and_line() -> Result<()>
         &["--config", config.to_str().unwrap_or_default()],
     )
     .await?;
-    let run = run_to(&host, &["blocked", "failed", "deploying"]).await?;
+    let run = run_to(&host, &["blocked", "failed", "deployed"]).await?;
     assert_eq!(run["status"], "failed", "{run:#}");
     let summary = run["steps"]["policy"]["summary"]
         .as_str()
@@ -218,5 +216,98 @@ async fn a_broken_policy_file_fails_the_run_naming_file_and_line() -> Result<()>
     // Acknowledged, not retried forever: nothing left in the policy queue.
     host.drain("policy").await?;
     assert_eq!(host.queue("policy").await?["stats"]["dead_lettered"], 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_image_deploys_and_records_the_previous_good_version() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let scans = dir.path().join("scans");
+    std::fs::create_dir_all(&scans)?;
+    let second_sha = "9fceb02d0ae598e95dc970b74767f19372d61af8";
+    let second = format!("sha256:{}", "c0ffee".repeat(10) + "0123");
+    let clean =
+        std::fs::read_to_string(repo_root().join(format!("examples/scans/{DIGEST}.trivy.json")))?;
+    std::fs::write(scans.join(format!("{DIGEST}.trivy.json")), &clean)?;
+    std::fs::write(
+        scans.join(format!("{second}.trivy.json")),
+        clean.replace(DIGEST, &second),
+    )?;
+    let config = write_config(dir.path(), &scans, None)?;
+    let host = DevHost::start(
+        &dir.path().join("state"),
+        &["--config", config.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let first = run_to(&host, &["blocked", "failed", "deployed"]).await?;
+    assert_eq!(first["status"], "deployed", "{first:#}");
+
+    // Commit 2 and its image.
+    let mut push: Value = serde_json::from_slice(&example("github-push.json"))?;
+    push["after"] = second_sha.into();
+    push["head_commit"]["id"] = second_sha.into();
+    let (status, body) = host
+        .github(
+            "push",
+            "55555555-2222-4333-8444-555555555555",
+            &serde_json::to_vec(&push)?,
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let second_run = body["runs"][0]["run_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut event: Value = serde_json::from_slice(&example("acr-image-pushed.json"))?;
+    event[0]["id"] = "e2e00000-0000-4000-8000-000000000002".into();
+    event[0]["data"]["target"]["tag"] = second_sha.into();
+    event[0]["data"]["target"]["digest"] = second.clone().into();
+    assert_eq!(
+        host.enqueue("registry-events", None, &serde_json::to_vec(&event)?)
+            .await?,
+        201
+    );
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let runs = host.runs(&[])?;
+        if runs
+            .iter()
+            .any(|r| r["id"] == second_run.as_str() && r["status"] == "deployed")
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "second run not deployed: {runs:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let deployed: Value = serde_json::from_slice(&std::fs::read(
+        dir.path().join("state/store/apps/web/deployed.json"),
+    )?)?;
+    assert_eq!(
+        deployed["current"]["digest"],
+        second.as_str(),
+        "{deployed:#}"
+    );
+    assert_eq!(deployed["current"]["run_id"], second_run.as_str());
+    assert_eq!(
+        deployed["previous"]["digest"], DIGEST,
+        "previous good recorded: {deployed:#}"
+    );
+    assert_eq!(deployed["previous"]["run_id"], first["id"]);
+    // The directory now holds the second image.
+    let files = std::fs::read_dir(dir.path().join("state/deploy/web"))?;
+    let mut found = false;
+    for file in files {
+        let text = std::fs::read_to_string(file?.path())?;
+        found |= text.contains(&format!("@{second}"));
+        assert!(
+            !text.contains(&format!("@{DIGEST}")),
+            "old digest left behind"
+        );
+    }
+    assert!(found, "the Deployment names the second digest");
     Ok(())
 }

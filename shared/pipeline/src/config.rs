@@ -23,6 +23,9 @@ pub struct Config {
     /// Policy gate settings (`[policy]`).
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Where deploys go (`[deploy]`).
+    #[serde(default)]
+    pub deploy: DeployConfig,
     /// Directory of the configuration file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -190,6 +193,42 @@ pub struct ScanSettings {
     pub ignore_unfixed: bool,
     /// Fail closed after this long without results.
     pub max_wait: std::time::Duration,
+}
+
+/// Where the deploy step puts an app's manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeployTarget {
+    /// GitOps hand-off: the rendered manifests are written to `<dir>/<app>/`
+    /// (one file per object, stable names) for a GitOps agent or a person to
+    /// commit and sync. The embedded default of `gantry dev`.
+    Directory,
+}
+
+/// `[deploy]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// The target.
+    #[serde(default = "default_target")]
+    pub target: DeployTarget,
+    /// Folder of the `directory` target (relative to this file). Unset:
+    /// `<state>/deploy` in `gantry dev`, `deploy` beside this file otherwise.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            target: default_target(),
+            dir: None,
+        }
+    }
+}
+
+fn default_target() -> DeployTarget {
+    DeployTarget::Directory
 }
 
 /// `[policy]`.
