@@ -10,8 +10,9 @@
 //!
 //! Target `directory` (GitOps hand-off, the default of `gantry dev`): the
 //! manifests are written to `<dir>/<app>/`, one file per object with stable
-//! names, replaced as a whole (written beside it, then swapped by rename), so a
-//! reader sees the old set or the new set. Verification passes at once; the run
+//! names, replaced as a whole (written and fsynced beside it, then swapped in by
+//! two renames), so a reader sees the old set or the new set — or, for the
+//! instant between the two renames, no folder; never a mix. Verification passes at once; the run
 //! becomes `deployed` and `apps/{app}/deployed.json` records the current and the
 //! previous good version (compare-and-swap). A redelivery rewrites the same
 //! files and changes nothing else.
@@ -135,10 +136,34 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         {
             return Ok(Done(format!("run {run_id}: {what}")));
         }
+        // Deployed, but the alert may have been lost (a transient send failure
+        // after the run was recorded): repeat it, its MessageId drops a duplicate.
+        if run.status == RunStatus::Deployed
+            && run
+                .steps
+                .get(steps::DEPLOY)
+                .is_some_and(|s| s.status == StepStatus::Passed && s.attempts == request.attempt)
+        {
+            deployed_alert(deps, &run, &image, &digest).await?;
+            return Ok(Done(format!(
+                "run {run_id}: deploy already passed; alert repeated"
+            )));
+        }
         return Ok(Done(format!(
             "run {run_id}: not waiting for deploy attempt {} (run is {}); nothing to do",
             request.attempt, run.status
         )));
+    }
+    // Checked before the run is touched: a refused message leaves it as it was.
+    let passed = |name: &str| {
+        run.steps
+            .get(name)
+            .is_some_and(|s| s.status == StepStatus::Passed)
+    };
+    if !passed(steps::SCAN) || !passed(steps::POLICY) {
+        return Err(check(
+            "the scan and policy verdicts are not both passed for this digest".into(),
+        ));
     }
     let run = step::start(deps, &run, steps::DEPLOY).await?;
 
@@ -191,16 +216,6 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         .await?;
         return Ok(Done(format!("run {run_id}: {reason}")));
     }
-    let passed = |name: &str| {
-        run.steps
-            .get(name)
-            .is_some_and(|s| s.status == StepStatus::Passed)
-    };
-    if !passed(steps::SCAN) || !passed(steps::POLICY) {
-        return Err(check(
-            "the scan and policy verdicts are not both passed for this digest".into(),
-        ));
-    }
     let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
         app,
         digest: &digest,
@@ -242,6 +257,18 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
             .unwrap_or(Path::new("deploy")),
     );
     let target = dir.join(app.name.as_str());
+    // An unreadable deployed.json (the rollback target) is never overwritten,
+    // so it must stop the deploy before the manifests are handed off too.
+    let deployed_name = blobs::deployed(&app.name);
+    if let Some(v) = deps
+        .runs
+        .raw()
+        .get(&deployed_name)
+        .await
+        .map_err(|e| record(e.into()))?
+    {
+        decode_deployed(&deployed_name, &v.body).map_err(record)?;
+    }
     write_directory(&target, &rendered.objects).map_err(|message| DeployError::WriteManifests {
         run: run_id.clone(),
         path: target.display().to_string(),
@@ -257,18 +284,28 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         short(&rendered.hash)
     );
     finish(deps, &run, &summary, &rendered.hash, previous.as_ref()).await?;
+    deployed_alert(deps, &run, &image, &digest).await?;
+    Ok(Done(format!("run {run_id}: deployed: {summary}")))
+}
+
+/// The info alert `{run}:alert:deployed`.
+async fn deployed_alert(
+    deps: &Deps,
+    run: &Run,
+    image: &gantry_pipeline::Image,
+    digest: &gantry_pipeline::Digest,
+) -> Result<(), StepError> {
     step::alert(
         deps,
-        &run,
+        run,
         steps::DEPLOY,
         "deployed",
         "deployed",
         Severity::Info,
-        Some(&digest),
-        format!("{} deployed {}@{digest}", app.name, image.repository),
+        Some(digest),
+        format!("{} deployed {}@{digest}", run.app, image.repository),
     )
-    .await?;
-    Ok(Done(format!("run {run_id}: deployed: {summary}")))
+    .await
 }
 
 fn short(hash: &str) -> &str {
@@ -303,7 +340,11 @@ fn write_directory(target: &Path, objects: &[serde_json::Value]) -> Result<(), S
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.to_string()),
         }
-        std::fs::rename(&staging, target).map_err(|e| e.to_string())?;
+        if let Err(e) = std::fs::rename(&staging, target) {
+            // Put the old set back rather than deleting it below.
+            let _ = std::fs::rename(&old, target);
+            return Err(e.to_string());
+        }
         sync_dir(parent).map_err(|e| e.to_string())?;
         Ok(())
     })();
@@ -341,11 +382,8 @@ async fn record_deployed(
     };
     for _ in 0..16 {
         let current = store.get(&name).await?;
-        let mut deployed: Deployed = match &current {
-            Some(v) => serde_json::from_slice(&v.body).map_err(|e| PipelineError::Decode {
-                name: name.clone(),
-                message: e.to_string(),
-            })?,
+        let mut deployed = match &current {
+            Some(v) => decode_deployed(&name, &v.body)?,
             None => Deployed::default(),
         };
         if deployed
@@ -376,6 +414,13 @@ async fn record_deployed(
         }
     }
     Err(PipelineError::Contention { name, attempts: 16 })
+}
+
+fn decode_deployed(name: &str, body: &[u8]) -> Result<Deployed, PipelineError> {
+    serde_json::from_slice(body).map_err(|e| PipelineError::Decode {
+        name: name.to_string(),
+        message: e.to_string(),
+    })
 }
 
 async fn finish(
