@@ -1,0 +1,559 @@
+//! `Cluster` against a fake API server (a `tower-test` mock behind a real
+//! `kube::Client`) that checks every request gantry sends: method, path,
+//! query, content type and body, and their order. Plus one live test against
+//! the cluster in `KUBECONFIG`, ignored by default.
+
+// Helpers outside `#[test]` functions unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use gantry_kube::{Applied, Cluster, KubeError, Rollout};
+use gantry_manifests::{APPLY_ORDER, RenderInput, render};
+use gantry_pipeline::{Config, Digest};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tower_test::mock::Handle;
+
+const CONFIG: &str = r#"
+[[apps]]
+name = "web"
+repo = "contoso/web"
+image = "contoso.azurecr.io/web"
+namespace = "web"
+port = 8080
+replicas = 2
+"#;
+
+fn objects() -> Vec<Value> {
+    let app = Config::parse(CONFIG, "test").unwrap().apps.remove(0);
+    let digest = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+    render(&RenderInput {
+        app: &app,
+        digest: &digest,
+        registry_image: &app.image,
+        run_id: None,
+        commit: None,
+        verdicts: Some("scan: passed; policy: passed"),
+    })
+    .unwrap()
+    .objects
+}
+
+/// One request as the fake API server saw it.
+#[derive(Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+type Reply = (u16, Value);
+
+/// A Cluster on a mock service, and the fake API server answering it with
+/// `reply`; the server's task returns every request once the client is gone.
+fn fake_cluster(
+    reply: impl Fn(&Seen) -> Reply + Send + 'static,
+) -> (Cluster, JoinHandle<Vec<Seen>>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let server = tokio::spawn(serve(handle, reply));
+    (Cluster::new(client), server)
+}
+
+async fn serve(
+    mut handle: Handle<Request<Body>, Response<Body>>,
+    reply: impl Fn(&Seen) -> Reply,
+) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    while let Some((request, respond)) = handle.next_request().await {
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let request = Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or("").to_string(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default(),
+            body: if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            },
+        };
+        let (status, body) = reply(&request);
+        seen.push(request);
+        respond.send_response(
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+    seen
+}
+
+/// Waits for the fake server to see the client go away.
+async fn requests(cluster: Cluster, server: JoinHandle<Vec<Seen>>) -> Vec<Seen> {
+    drop(cluster);
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the fake API server ends when the client is dropped")
+        .unwrap()
+}
+
+/// What a real API server returns for an apply: the object with server
+/// fields, the Deployment at generation 7.
+fn echo(seen: &Seen) -> Reply {
+    let mut object = seen.body.clone();
+    let generation = if object["kind"] == "Deployment" { 7 } else { 1 };
+    object["metadata"]["generation"] = json!(generation);
+    object["metadata"]["uid"] = json!("6f1c1a52-0000-4000-8000-000000000001");
+    object["metadata"]["resourceVersion"] = json!("12345");
+    (200, object)
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Reply {
+    (
+        code,
+        json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }),
+    )
+}
+
+const EXPECTED_PATHS: [&str; 8] = [
+    "/api/v1/namespaces/web",
+    "/api/v1/namespaces/web/resourcequotas/web",
+    "/api/v1/namespaces/web/limitranges/web",
+    "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/default-deny-ingress",
+    "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/web-allow-http",
+    "/api/v1/namespaces/web/serviceaccounts/web",
+    "/apis/apps/v1/namespaces/web/deployments/web",
+    "/api/v1/namespaces/web/services/web",
+];
+
+fn assert_server_side_apply(seen: &Seen) {
+    assert_eq!(seen.method, "PATCH", "{}", seen.path);
+    let query: Vec<&str> = seen.query.split('&').collect();
+    assert!(query.contains(&"fieldManager=gantry"), "{}", seen.query);
+    assert!(query.contains(&"force=true"), "{}", seen.query);
+    assert_eq!(seen.content_type, "application/apply-patch+yaml");
+}
+
+#[tokio::test]
+async fn applies_rendered_objects_in_order_by_server_side_apply() {
+    let objects = objects();
+    let (cluster, server) = fake_cluster(echo);
+    let applied = cluster.apply(&objects).await.unwrap();
+    let seen = requests(cluster, server).await;
+
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, EXPECTED_PATHS);
+    for (request, object) in seen.iter().zip(&objects) {
+        assert_server_side_apply(request);
+        assert_eq!(&request.body, object, "{}", request.path);
+    }
+    let kinds: Vec<&str> = seen
+        .iter()
+        .map(|s| s.body["kind"].as_str().unwrap())
+        .collect();
+    let mut order = kinds.clone();
+    order.dedup();
+    assert_eq!(order, APPLY_ORDER);
+    assert_eq!(
+        applied,
+        Applied {
+            objects: seen
+                .iter()
+                .map(|s| {
+                    let kind = s.body["kind"].as_str().unwrap().to_string();
+                    let name = s.body["metadata"]["name"].as_str().unwrap().to_string();
+                    (kind, name)
+                })
+                .collect(),
+            deployment_generation: Some(7),
+        }
+    );
+}
+
+#[tokio::test]
+async fn apply_order_does_not_depend_on_the_given_order() {
+    let mut objects = objects();
+    objects.reverse();
+    let (cluster, server) = fake_cluster(echo);
+    cluster.apply(&objects).await.unwrap();
+    let seen = requests(cluster, server).await;
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    // The two NetworkPolicies keep their (here reversed) relative order.
+    let mut expected = EXPECTED_PATHS;
+    expected.swap(3, 4);
+    assert_eq!(paths, expected);
+}
+
+#[tokio::test]
+async fn invalid_objects_apply_nothing() {
+    let cases = [
+        (
+            json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "s", "namespace": "web" } }),
+            "not one gantry applies",
+        ),
+        (
+            json!({ "apiVersion": "extensions/v1beta1", "kind": "Deployment", "metadata": { "name": "web", "namespace": "web" } }),
+            "apiVersion",
+        ),
+        (
+            json!({ "apiVersion": "v1", "kind": "Service", "metadata": { "name": "web" } }),
+            "metadata.namespace is missing",
+        ),
+        (
+            json!({ "apiVersion": "v1", "kind": "Service", "metadata": { "namespace": "web" } }),
+            "metadata.name is missing",
+        ),
+        (
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "web", "namespace": "x" } }),
+            "cluster-scoped",
+        ),
+    ];
+    for (bad, expected) in cases {
+        let mut objects = objects();
+        objects.push(bad);
+        let (cluster, server) = fake_cluster(echo);
+        let err = cluster.apply(&objects).await.unwrap_err();
+        assert!(
+            matches!(&err, KubeError::InvalidObject { position: 8, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(expected), "{err}");
+        assert!(!err.is_transient());
+        assert!(requests(cluster, server).await.is_empty());
+    }
+}
+
+/// Applies the rendered objects with the Deployment's apply answered by
+/// `failure`; returns the error and how many requests were sent.
+async fn apply_failing_deployment(failure: Reply) -> (KubeError, usize) {
+    let (cluster, server) = fake_cluster(move |seen| {
+        if seen.body["kind"] == "Deployment" {
+            failure.clone()
+        } else {
+            echo(seen)
+        }
+    });
+    let err = cluster.apply(&objects()).await.unwrap_err();
+    let seen = requests(cluster, server).await;
+    (err, seen.len())
+}
+
+#[tokio::test]
+async fn validation_failure_is_permanent_and_names_the_object() {
+    let message = "Deployment.apps \"web\" is invalid: spec.template.spec.containers[0].image: Required value";
+    let (err, sent) = apply_failing_deployment(status(422, "Invalid", message)).await;
+    assert_eq!(
+        err,
+        KubeError::Apply {
+            kind: "Deployment".into(),
+            name: "web".into(),
+            status: Some(422),
+            message: message.into(),
+            transient: false,
+        }
+    );
+    assert!(!err.is_transient());
+    let text = err.to_string();
+    assert!(text.contains("Deployment \"web\""), "{text}");
+    assert!(text.contains("HTTP 422"), "{text}");
+    // Stopped at the Deployment: the Service was not applied.
+    assert_eq!(sent, 7);
+}
+
+#[tokio::test]
+async fn server_errors_are_transient() {
+    let (err, _) = apply_failing_deployment(status(
+        500,
+        "InternalError",
+        "Internal error occurred: failed calling webhook \"validation.gatekeeper.sh\"",
+    ))
+    .await;
+    assert!(
+        matches!(&err, KubeError::Apply { status: Some(500), transient: true, kind, .. } if kind == "Deployment"),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+
+    let (err, _) = apply_failing_deployment(status(429, "TooManyRequests", "slow down")).await;
+    assert!(err.is_transient(), "{err:?}");
+}
+
+#[tokio::test]
+async fn forbidden_is_an_infrastructure_fault_so_transient() {
+    let message = "deployments.apps \"web\" is forbidden: User \"system:serviceaccount:gantry:gantry\" cannot patch resource \"deployments\" in API group \"apps\" in the namespace \"web\"";
+    let (err, _) = apply_failing_deployment(status(403, "Forbidden", message)).await;
+    assert!(
+        matches!(
+            &err,
+            KubeError::Apply {
+                status: Some(403),
+                transient: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("cannot patch"), "{err}");
+}
+
+#[tokio::test]
+async fn a_non_json_error_reply_keeps_its_status() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let cluster = Cluster::new(kube::Client::new(service, "default"));
+    let server = tokio::spawn(async move {
+        let (_, respond) = handle.next_request().await.unwrap();
+        respond.send_response(
+            Response::builder()
+                .status(502)
+                .body(Body::from(b"<html>Bad Gateway</html>".to_vec()))
+                .unwrap(),
+        );
+    });
+    let err = cluster.apply(&objects()).await.unwrap_err();
+    server.await.unwrap();
+    assert!(
+        matches!(&err, KubeError::Apply { status: Some(502), transient: true, kind, .. } if kind == "Namespace"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn no_response_is_transient() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let cluster = Cluster::new(kube::Client::new(service, "default"));
+    let server = tokio::spawn(async move {
+        let (_, respond) = handle.next_request().await.unwrap();
+        respond.send_error(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+    });
+    let err = cluster.apply(&objects()).await.unwrap_err();
+    server.await.unwrap();
+    assert!(
+        matches!(
+            &err,
+            KubeError::Apply {
+                status: None,
+                transient: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("connection refused"), "{err}");
+}
+
+fn deployment_json(generation: i64, observed: i64, ready: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "web", "namespace": "web", "generation": generation },
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": { "app.kubernetes.io/name": "web" } },
+            "template": {
+                "metadata": { "labels": { "app.kubernetes.io/name": "web" } },
+                "spec": { "containers": [{ "name": "web", "image": "contoso.azurecr.io/web@sha256:ab" }] }
+            }
+        },
+        "status": {
+            "observedGeneration": observed,
+            "replicas": 2,
+            "updatedReplicas": 2,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+        }
+    })
+}
+
+fn rollout_server(deployment: Value, pods: Value) -> impl Fn(&Seen) -> Reply {
+    move |seen: &Seen| {
+        assert_eq!(seen.method, "GET");
+        match seen.path.as_str() {
+            "/apis/apps/v1/namespaces/web/deployments/web" => (200, deployment.clone()),
+            "/api/v1/namespaces/web/pods" => {
+                assert!(
+                    seen.query
+                        .split('&')
+                        .any(|p| p == "labelSelector=app.kubernetes.io%2Fname%3Dweb"),
+                    "{}",
+                    seen.query
+                );
+                (
+                    200,
+                    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods }),
+                )
+            }
+            other => panic!("unexpected request {other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn rollout_reads_the_deployment_and_its_pods() {
+    let (cluster, server) = fake_cluster(rollout_server(deployment_json(7, 7, 2), json!([])));
+    assert_eq!(
+        cluster.rollout("web", "web", Some(7)).await.unwrap(),
+        Rollout::Complete
+    );
+    let seen = requests(cluster, server).await;
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/apis/apps/v1/namespaces/web/deployments/web",
+            "/api/v1/namespaces/web/pods"
+        ]
+    );
+
+    let (cluster, server) = fake_cluster(rollout_server(deployment_json(7, 6, 2), json!([])));
+    let rollout = cluster.rollout("web", "web", Some(7)).await.unwrap();
+    assert!(
+        matches!(rollout, Rollout::Progressing { .. }),
+        "{rollout:?}"
+    );
+    requests(cluster, server).await;
+
+    let crashing = json!([{
+        "metadata": { "name": "web-5d9c7b8f4-x2k9p", "namespace": "web" },
+        "spec": { "containers": [{ "name": "web", "image": "contoso.azurecr.io/web@sha256:ab" }] },
+        "status": { "containerStatuses": [{
+            "name": "web", "image": "contoso.azurecr.io/web@sha256:ab", "imageID": "", "ready": false,
+            "restartCount": 4,
+            "state": { "waiting": { "reason": "CrashLoopBackOff", "message": "back-off 1m20s restarting failed container" } }
+        }] }
+    }]);
+    let (cluster, server) = fake_cluster(rollout_server(deployment_json(7, 7, 1), crashing));
+    let rollout = cluster.rollout("web", "web", Some(7)).await.unwrap();
+    assert!(
+        matches!(&rollout, Rollout::Failed { reason } if reason.contains("web-5d9c7b8f4-x2k9p") && reason.contains("CrashLoopBackOff")),
+        "{rollout:?}"
+    );
+    requests(cluster, server).await;
+}
+
+#[tokio::test]
+async fn rollout_errors_are_named_after_the_operation() {
+    let (cluster, server) =
+        fake_cluster(|_| status(404, "NotFound", "deployments.apps \"web\" not found"));
+    let err = cluster.rollout("web", "web", Some(1)).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            KubeError::ReadDeployment {
+                status: Some(404),
+                transient: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    requests(cluster, server).await;
+
+    let (cluster, server) = fake_cluster(|seen| {
+        if seen.path.ends_with("/pods") {
+            status(503, "ServiceUnavailable", "etcdserver: request timed out")
+        } else {
+            (200, deployment_json(1, 1, 2))
+        }
+    });
+    let err = cluster.rollout("web", "web", Some(1)).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            KubeError::ListPods {
+                status: Some(503),
+                transient: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    requests(cluster, server).await;
+}
+
+/// Applies a rendered app to the cluster in `KUBECONFIG` and waits for the
+/// rollout to complete, then deletes its namespace.
+///
+/// The image must run as UID 10001 with a read-only root filesystem and
+/// answer `GET /healthz` on port 8080: set `GANTRY_KUBE_TEST_IMAGE` to its
+/// `registry/repository` and `GANTRY_KUBE_TEST_DIGEST` to its digest.
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn live_apply_and_rollout() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, DeleteParams};
+
+    let image = std::env::var("GANTRY_KUBE_TEST_IMAGE").expect("GANTRY_KUBE_TEST_IMAGE");
+    let digest = std::env::var("GANTRY_KUBE_TEST_DIGEST").expect("GANTRY_KUBE_TEST_DIGEST");
+    let config = format!(
+        r#"
+[[apps]]
+name = "gantry-live-test"
+repo = "contoso/gantry-live-test"
+image = "{image}"
+port = 8080
+replicas = 1
+health_path = "/healthz"
+"#
+    );
+    let app = Config::parse(&config, "live").unwrap().apps.remove(0);
+    let digest = Digest::parse(&digest).unwrap();
+    let objects = render(&RenderInput {
+        app: &app,
+        digest: &digest,
+        registry_image: &app.image,
+        run_id: None,
+        commit: None,
+        verdicts: None,
+    })
+    .unwrap()
+    .objects;
+
+    let cluster = Cluster::from_kubeconfig_or_in_cluster().await.unwrap();
+    let applied = cluster.apply(&objects).await.unwrap();
+    assert_eq!(applied.objects.len(), objects.len());
+    let ns = app.namespace().as_str().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let result = loop {
+        let rollout = cluster
+            .rollout(&ns, app.name.as_str(), applied.deployment_generation)
+            .await
+            .unwrap();
+        if !matches!(rollout, Rollout::Progressing { .. }) || tokio::time::Instant::now() > deadline
+        {
+            break rollout;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    };
+    let client = kube::Client::try_default().await.unwrap();
+    Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(result, Rollout::Complete);
+}
