@@ -167,6 +167,69 @@ async fn serve_speaks_the_custom_handler_protocol_end_to_end() -> Result<()> {
     );
     assert_eq!(reply["Outputs"], serde_json::json!({}));
 
+    // Redeliver both 10× — GitHub's "Redeliver" (same delivery id) and the host
+    // redelivering the Service Bus message (same MessageId, DeliveryCount+1), and
+    // past duplicate detection (fresh MessageIds): still one run, one message.
+    let push = support::example("github-push.json");
+    let sig = gantry_runtime::signature::sign_sha256(b"s3cret-for-serve", &push);
+    for i in 0..10u32 {
+        let r = client
+            .post(format!("{base}/api/github"))
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", "0b7a3c1e-1111-4222-8333-944455556666")
+            .header("x-hub-signature-256", &sig)
+            .body(push.clone())
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200, "a redelivered push is a duplicate");
+        let mut again = envelope.clone();
+        again["Metadata"]["DeliveryCount"] = (i + 2).to_string().into();
+        if i % 2 == 1 {
+            again["Metadata"]["MessageId"] = format!("\"fresh-{i}\"").into();
+        }
+        let r = client
+            .post(format!("{base}/registry-push"))
+            .json(&again)
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args([
+            "runs",
+            "list",
+            "--json",
+            "--storage",
+            &azurite.connection_string(),
+            "--container",
+            &container,
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(runs.len(), 1, "one run: {runs:#?}");
+    let run = &runs[0];
+    assert_eq!(run["id"], run_id.as_str());
+    assert_eq!(
+        run["status"], "scanning",
+        "nothing consumes the scan queue here"
+    );
+    assert_eq!(
+        run["source"]["commit"],
+        "3f786850e387550fdab836ed7e6dc881de23001b"
+    );
+    assert_eq!(run["source"]["pusher"], "monalisa");
+    assert_eq!(run["source"]["repo"], "contoso/web");
+    assert_eq!(
+        run["image"]["digest"],
+        "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7"
+    );
+
     let sent = sent.lock().expect("lock").clone();
     assert_eq!(sent.len(), 1, "exactly one message: {sent:#?}");
     assert_eq!(sent[0].queue, "scan");
