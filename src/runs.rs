@@ -161,7 +161,16 @@ pub fn show(run: &Run) -> String {
     ));
     if !run.steps.is_empty() {
         out.push_str("steps\n");
-        for (name, step) in &run.steps {
+        // Pipeline order, then anything else by name.
+        const ORDER: [&str; 6] = ["ci", "scan", "policy", "approval", "deploy", "verify"];
+        let mut ordered: Vec<_> = run.steps.iter().collect();
+        ordered.sort_by_key(|(name, _)| {
+            (
+                ORDER.iter().position(|o| o == name).unwrap_or(ORDER.len()),
+                name.to_string(),
+            )
+        });
+        for (name, step) in ordered {
             out.push_str(&format!(
                 "  {:<9} {:<8} attempts={}{}\n",
                 name,
