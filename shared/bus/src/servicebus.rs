@@ -51,6 +51,9 @@ const RFC1123: &[BorrowedFormatItem<'static>] = format_description!(
     "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
 );
 
+/// Longest wait for an Entra ID token (managed identity endpoint or developer login).
+const TOKEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Sends gantry's messages to an Azure Service Bus namespace over REST.
 pub struct ServiceBusRest {
     endpoint: Url,
@@ -160,15 +163,27 @@ impl ServiceBusRest {
                     token.expires_on > OffsetDateTime::now_utc() + TOKEN_REFRESH_MARGIN
                 });
                 if !fresh {
-                    let token = credential
-                        .get_token(&[SERVICE_BUS_SCOPE], None)
-                        .await
-                        .map_err(|e| BusError::Send {
-                            queue: queue.to_string(),
-                            // The identity endpoint failing is usually passing.
-                            message: format!("getting an Entra ID token: {e}"),
-                            transient: true,
-                        })?;
+                    // Bounded: the token mutex is held here, so a hung identity
+                    // endpoint must not stall every send behind it.
+                    let token = tokio::time::timeout(
+                        TOKEN_TIMEOUT,
+                        credential.get_token(&[SERVICE_BUS_SCOPE], None),
+                    )
+                    .await
+                    .map_err(|_| BusError::Send {
+                        queue: queue.to_string(),
+                        message: format!(
+                            "getting an Entra ID token timed out after {}s",
+                            TOKEN_TIMEOUT.as_secs()
+                        ),
+                        transient: true,
+                    })?
+                    .map_err(|e| BusError::Send {
+                        queue: queue.to_string(),
+                        // The identity endpoint failing is usually passing.
+                        message: format!("getting an Entra ID token: {e}"),
+                        transient: true,
+                    })?;
                     *cached = Some(token);
                 }
                 let token = cached
