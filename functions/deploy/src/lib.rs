@@ -16,11 +16,26 @@
 //! becomes `deployed` and `apps/{app}/deployed.json` records the current and the
 //! previous good version (compare-and-swap). A redelivery rewrites the same
 //! files and changes nothing else.
+//!
+//! Target `kubernetes`: the manifests are applied by server-side apply in
+//! dependency order ([`gantry_kube::Cluster::apply`]); the deploy step passes,
+//! the run becomes `verifying` and the function returns at once. The rollout
+//! is judged by scheduled `verify` messages (same queue and session, MessageId
+//! `{run}:verify:{attempt}:{n}`), each reading the Deployment and its pods:
+//! complete → `deployed.json` is recorded and the run is `deployed`;
+//! still progressing before `[deploy] verify_deadline` (counted from the
+//! apply) → check again after `verify_interval`; failed or out of time → the
+//! digest is blocked and the previous good version is applied again (`rolled-back`),
+//! or, without one whose manifests render to the recorded hash, the run is
+//! `failed`. The cluster client is built once per process from the
+//! kubeconfig or the in-cluster service account ([`CLUSTER_KEY`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use gantry_pipeline::messages::{Deployed, DeployedVersion};
+use gantry_kube::{Cluster, KubeError, Rollout};
+use gantry_pipeline::config::DeployTarget;
+use gantry_pipeline::messages::{Deployed, DeployedVersion, PHASE_VERIFY};
 use gantry_pipeline::run::steps;
 use gantry_pipeline::runs::blobs;
 use gantry_pipeline::{PipelineError, Run, RunStatus, Severity, Step, StepRequest, StepStatus};
@@ -30,6 +45,13 @@ use time::OffsetDateTime;
 
 /// Function name: folder, route and span.
 pub const NAME: &str = "deploy";
+
+/// Key of the [`Cluster`] in [`gantry_runtime::Services`]. Absent, the first
+/// `kubernetes` deploy builds it from the kubeconfig or the in-cluster service
+/// account ([`Cluster::from_kubeconfig_or_in_cluster`]) and keeps it for the
+/// process; a host or a test may [`gantry_runtime::Services::insert`] one
+/// first (tests: a client on a fake API server).
+pub const CLUSTER_KEY: &str = "deploy/cluster";
 
 /// The function's registration.
 pub fn function() -> Function {
@@ -79,6 +101,15 @@ pub enum DeployError {
         /// The I/O error.
         message: String,
     },
+    /// Talking to the cluster failed (only transient failures end up here;
+    /// permanent ones fail the run).
+    #[error("cluster operation for run {run} failed: {source}")]
+    Kube {
+        /// Run id.
+        run: String,
+        /// Cause.
+        source: KubeError,
+    },
     /// Recording a transition or announcing it failed.
     #[error(transparent)]
     Step(#[from] StepError),
@@ -91,6 +122,7 @@ impl FunctionError for DeployError {
             DeployError::Record { source, .. } => source.is_transient(),
             // Disks fill up and get fixed; retry, and dead-letter with a record.
             DeployError::WriteManifests { .. } => true,
+            DeployError::Kube { source, .. } => source.is_transient(),
             DeployError::Step(e) => e.is_transient(),
         }
     }
@@ -99,6 +131,9 @@ impl FunctionError for DeployError {
 /// Handles one `deploy` message (lambda style).
 pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done, DeployError> {
     let request = inv.event.0;
+    if request.is_verify() {
+        return verify(&request, inv.meta.message_id.as_deref(), deps).await;
+    }
     let run_id = request.run_id.to_string();
     let record = |source: PipelineError| DeployError::Record {
         run: run_id.clone(),
@@ -129,7 +164,25 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
             request.digest
         )));
     }
+    if let Some(phase) = &request.phase {
+        return Err(check(format!("unknown phase {phase:?}")));
+    }
     if !step::waiting_for(&run, RunStatus::Deploying, steps::DEPLOY, request.attempt) {
+        // Applied, but the first verify message may have been lost: send it
+        // again (its MessageId drops a duplicate).
+        if run.status == RunStatus::Verifying
+            && run
+                .steps
+                .get(steps::DEPLOY)
+                .is_some_and(|s| s.status == StepStatus::Passed && s.attempts == request.attempt)
+            && let Some(v) = run.steps.get(steps::VERIFY)
+        {
+            let at = OffsetDateTime::now_utc() + deps.config.deploy.verify_interval;
+            send_verify(deps, &run, &digest, request.attempt, checks(v), at).await?;
+            return Ok(Done(format!(
+                "run {run_id}: deploy already applied; verify hand-off repeated"
+            )));
+        }
         if let Some(what) =
             step::repeat_after_redelivery(deps, &run, steps::DEPLOY, request.attempt, &digest, None)
                 .await?
@@ -170,29 +223,7 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
     // Only the newest run of an app may deploy. Runs that were themselves
     // superseded (e.g. a `latest`-tag run taken over by its commit's run) do not
     // count as newer deliveries.
-    let mut newer = None;
-    for (_, id) in deps
-        .runs
-        .list_ids(Some(&app.name))
-        .await
-        .map_err(record)?
-        .into_iter()
-        .rev()
-    {
-        if id <= run.id {
-            break;
-        }
-        let status = deps
-            .runs
-            .get(&app.name, &id)
-            .await
-            .map_err(record)?
-            .map(|r| r.status);
-        if status.is_some_and(|s| s != RunStatus::Superseded) {
-            newer = Some(id);
-            break;
-        }
-    }
+    let newer = newer_run(deps, &run, |_| true).await.map_err(record)?;
     if let Some(newer) = newer {
         supersede(deps, &run, &newer).await.map_err(record)?;
         return Ok(Done(format!(
@@ -260,14 +291,19 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
     // An unreadable deployed.json (the rollback target) is never overwritten,
     // so it must stop the deploy before the manifests are handed off too.
     let deployed_name = blobs::deployed(&app.name);
-    if let Some(v) = deps
+    let deployed = match deps
         .runs
         .raw()
         .get(&deployed_name)
         .await
         .map_err(|e| record(e.into()))?
     {
-        decode_deployed(&deployed_name, &v.body).map_err(record)?;
+        Some(v) => decode_deployed(&deployed_name, &v.body).map_err(record)?,
+        None => Deployed::default(),
+    };
+    if deps.config.deploy.target == DeployTarget::Kubernetes {
+        let previous = rollback_target(&deployed, &digest);
+        return apply_kubernetes(deps, &run, app, &request, &rendered, previous.as_ref()).await;
     }
     write_directory(&target, &rendered.objects).map_err(|message| DeployError::WriteManifests {
         run: run_id.clone(),
@@ -286,6 +322,27 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
     finish(deps, &run, &summary, &rendered.hash, previous.as_ref()).await?;
     deployed_alert(deps, &run, &image, &digest).await?;
     Ok(Done(format!("run {run_id}: deployed: {summary}")))
+}
+
+/// The newest run of the app newer than `run` that was not itself superseded
+/// and satisfies `matters`.
+async fn newer_run(
+    deps: &Deps,
+    run: &Run,
+    matters: impl Fn(&Run) -> bool,
+) -> Result<Option<gantry_pipeline::RunId>, PipelineError> {
+    for (_, id) in deps.runs.list_ids(Some(&run.app)).await?.into_iter().rev() {
+        if id <= run.id {
+            break;
+        }
+        if let Some(other) = deps.runs.get(&run.app, &id).await?
+            && other.status != RunStatus::Superseded
+            && matters(&other)
+        {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
 
 /// The info alert `{run}:alert:deployed`.
@@ -502,6 +559,576 @@ async fn supersede(
         run,
         "run.superseded",
         serde_json::json!({"by": newer}),
+    )
+    .await;
+    Ok(())
+}
+
+// ---- kubernetes target -------------------------------------------------------
+
+/// The process's cluster client (see [`CLUSTER_KEY`]).
+async fn cluster(deps: &Deps) -> Result<Arc<Cluster>, KubeError> {
+    deps.services
+        .cached_async(CLUSTER_KEY, Cluster::from_kubeconfig_or_in_cluster)
+        .await
+}
+
+/// The version a failed rollout of `digest` goes back to: what runs now
+/// (`current`, not yet replaced, since a run is recorded only once verified),
+/// or the previous good version when `current` is this very digest.
+fn rollback_target(
+    deployed: &Deployed,
+    digest: &gantry_pipeline::Digest,
+) -> Option<DeployedVersion> {
+    [&deployed.current, &deployed.previous]
+        .into_iter()
+        .flatten()
+        .find(|v| v.digest != *digest)
+        .cloned()
+}
+
+/// The number of the rollout check the verify step waits for.
+fn checks(verify: &Step) -> u32 {
+    verify
+        .details
+        .get("checks")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1)
+}
+
+/// `n` of a MessageId `{run}:verify:{attempt}:{n}`.
+fn check_number(message_id: &str) -> Option<u32> {
+    match message_id.split(':').collect::<Vec<_>>().as_slice() {
+        [_, "verify", _, n] => n.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Schedules rollout check `n` of deploy attempt `attempt` at `at`.
+async fn send_verify(
+    deps: &Deps,
+    run: &Run,
+    digest: &gantry_pipeline::Digest,
+    attempt: u32,
+    n: u32,
+    at: OffsetDateTime,
+) -> Result<(), StepError> {
+    let request = StepRequest {
+        app: run.app.clone(),
+        run_id: run.id.clone(),
+        digest: digest.clone(),
+        attempt,
+        phase: Some(PHASE_VERIFY.into()),
+    };
+    let queue_err = |source| StepError::Queue {
+        run: run.id.clone(),
+        source,
+    };
+    let message = gantry_bus::OutMessage::json(NAME, &request)
+        .map_err(queue_err)?
+        .with_id(request.verify_message_id(n))
+        .with_session(run.app.to_string())
+        .scheduled_at(at)
+        .with_property("run-id", run.id.to_string())
+        .with_property("app", run.app.to_string());
+    deps.send(message).await.map_err(queue_err)
+}
+
+/// Applies the manifests, passes the deploy step and hands the run to the
+/// scheduled rollout checks.
+async fn apply_kubernetes(
+    deps: &Deps,
+    run: &Run,
+    app: &gantry_pipeline::AppConfig,
+    request: &StepRequest,
+    rendered: &gantry_manifests::Rendered,
+    previous: Option<&DeployedVersion>,
+) -> Result<Done, DeployError> {
+    let run_id = run.id.to_string();
+    let kube_err = |source| DeployError::Kube {
+        run: run_id.clone(),
+        source,
+    };
+    let cluster = cluster(deps).await.map_err(kube_err)?;
+    let applied = match cluster.apply(&rendered.objects).await {
+        Ok(a) => a,
+        Err(e) if e.is_transient() => return Err(kube_err(e)),
+        Err(e) => {
+            let reason = format!("applying the manifests: {e}");
+            step::fail(deps, NAME, run, steps::DEPLOY, &reason).await?;
+            return Ok(Done(format!("run {run_id}: failed: {reason}")));
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    let summary = format!(
+        "applied {} objects to namespace {} (manifest hash {})",
+        applied.objects.len(),
+        app.namespace(),
+        short(&rendered.hash)
+    );
+    let objects: Vec<_> = applied
+        .objects
+        .iter()
+        .map(|(kind, name)| serde_json::json!({"kind": kind, "name": name}))
+        .collect();
+    let details = serde_json::json!({
+        "target": "kubernetes",
+        "manifest_hash": rendered.hash,
+        "applied": objects,
+        "generation": applied.deployment_generation,
+        "previous": previous,
+    });
+    deps.runs
+        .update(&run.app, &run.id, |r| {
+            if r.status != RunStatus::Deploying {
+                return Ok(false);
+            }
+            let Some(s) = r.steps.get_mut(steps::DEPLOY) else {
+                return Ok(false);
+            };
+            s.status = StepStatus::Passed;
+            s.finished_at = Some(now);
+            s.summary = Some(summary.clone());
+            s.details = details.clone();
+            r.steps.insert(
+                steps::VERIFY.into(),
+                Step {
+                    started_at: Some(now),
+                    summary: Some("waiting for the rollout".into()),
+                    details: serde_json::json!({"checks": 1}),
+                    ..Step::pending(request.attempt)
+                },
+            );
+            r.status = RunStatus::Verifying;
+            Ok(true)
+        })
+        .await
+        .map_err(|source| StepError::Record {
+            run: run.id.clone(),
+            source,
+        })?;
+    step::audit(deps, NAME, run, "run.applied", details.clone()).await;
+    let at = now + deps.config.deploy.verify_interval;
+    send_verify(deps, run, &request.digest, request.attempt, 1, at).await?;
+    Ok(Done(format!(
+        "run {run_id}: {summary}; rollout check 1 at {}",
+        step::rfc3339(at)
+    )))
+}
+
+/// One scheduled rollout check (`phase = "verify"`).
+async fn verify(
+    request: &StepRequest,
+    message_id: Option<&str>,
+    deps: &Deps,
+) -> Result<Done, DeployError> {
+    let run_id = request.run_id.to_string();
+    let record = |source: PipelineError| DeployError::Record {
+        run: run_id.clone(),
+        source,
+    };
+    let check = |reason: String| DeployError::CheckRequest {
+        run: run_id.clone(),
+        reason,
+    };
+    let kube_err = |source| DeployError::Kube {
+        run: run_id.clone(),
+        source,
+    };
+    let Some(app) = deps.config.app(request.app.as_str()) else {
+        return Err(check(format!("app {} is not configured", request.app)));
+    };
+    let Some(run) = deps
+        .runs
+        .get(&request.app, &request.run_id)
+        .await
+        .map_err(record)?
+    else {
+        return Err(check("no such run".into()));
+    };
+    let Some(image) = run.image.clone() else {
+        return Err(check("the run has no image".into()));
+    };
+    let digest = image.digest.clone();
+    if digest != request.digest {
+        return Err(check(format!(
+            "message digest {} is not the run's {digest}",
+            request.digest
+        )));
+    }
+    if !step::waiting_for(&run, RunStatus::Verifying, steps::VERIFY, request.attempt) {
+        return verify_redelivered(deps, &run, request.attempt, &image, &digest).await;
+    }
+    let (Some(verify_step), Some(deploy_step)) =
+        (run.steps.get(steps::VERIFY), run.steps.get(steps::DEPLOY))
+    else {
+        return Err(check("the run has no deploy or verify step".into()));
+    };
+    let n = checks(verify_step);
+    if let Some(got) = message_id.and_then(check_number)
+        && got != n
+    {
+        return Ok(Done(format!(
+            "run {run_id}: rollout check {got} is stale (waiting for check {n}); nothing to do"
+        )));
+    }
+    let Some(hash) = deploy_step
+        .details
+        .get("manifest_hash")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+    else {
+        return Err(check("the deploy step recorded no manifest hash".into()));
+    };
+    let generation = deploy_step
+        .details
+        .get("generation")
+        .and_then(serde_json::Value::as_i64);
+    // A newer run applied its own manifests meanwhile (deploys of one app
+    // are ordered, checks are not): the cluster now shows its rollout, which
+    // its own checks judge. This run neither records nor rolls back anything.
+    if let Some(newer) = newer_run(deps, &run, |r| r.steps.contains_key(steps::VERIFY))
+        .await
+        .map_err(record)?
+    {
+        supersede_verify(deps, &run, &newer).await.map_err(record)?;
+        return Ok(Done(format!(
+            "run {run_id}: superseded while verifying by newer run {newer}"
+        )));
+    }
+    let now = OffsetDateTime::now_utc();
+    let deadline = verify_step.started_at.unwrap_or(now) + deps.config.deploy.verify_deadline;
+
+    let cluster = cluster(deps).await.map_err(kube_err)?;
+    let verdict = match cluster
+        .rollout(app.namespace().as_str(), app.name.as_str(), generation)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) if e.is_transient() => return Err(kube_err(e)),
+        // The Deployment is gone or unreadable for good: it will not roll out.
+        Err(e) => Rollout::Failed {
+            reason: e.to_string(),
+        },
+    };
+    match verdict {
+        Rollout::Complete => {
+            let previous = record_deployed(deps, &run, &digest, &hash)
+                .await
+                .map_err(record)?;
+            let summary = format!("rollout complete (check {n})");
+            deps.runs
+                .update(&run.app, &run.id, |r| {
+                    if r.status != RunStatus::Verifying {
+                        return Ok(false);
+                    }
+                    let Some(s) = r.steps.get_mut(steps::VERIFY) else {
+                        return Ok(false);
+                    };
+                    s.status = StepStatus::Passed;
+                    s.finished_at = Some(now);
+                    s.summary = Some(summary.clone());
+                    r.status = RunStatus::Deployed;
+                    Ok(true)
+                })
+                .await
+                .map_err(record)?;
+            step::audit(
+                deps,
+                NAME,
+                &run,
+                "run.deployed",
+                serde_json::json!({"manifest_hash": hash, "previous": previous}),
+            )
+            .await;
+            deployed_alert(deps, &run, &image, &digest).await?;
+            Ok(Done(format!("run {run_id}: deployed: {summary}")))
+        }
+        Rollout::Progressing { reason } if now < deadline => {
+            let at = now + deps.config.deploy.verify_interval;
+            // Sent before it is recorded: a crash in between repeats the same
+            // MessageId, which the broker drops.
+            send_verify(deps, &run, &digest, request.attempt, n + 1, at).await?;
+            deps.runs
+                .update(&run.app, &run.id, |r| {
+                    let Some(s) = r.steps.get_mut(steps::VERIFY) else {
+                        return Ok(false);
+                    };
+                    if r.status != RunStatus::Verifying || checks(s) != n {
+                        return Ok(false);
+                    }
+                    s.status = StepStatus::Running;
+                    s.summary = Some(reason.clone());
+                    s.details = serde_json::json!({"checks": n + 1});
+                    Ok(true)
+                })
+                .await
+                .map_err(record)?;
+            Ok(Done(format!(
+                "run {run_id}: rollout progressing ({reason}); check {} at {}",
+                n + 1,
+                step::rfc3339(at)
+            )))
+        }
+        Rollout::Progressing { reason } => {
+            let reason = format!(
+                "the rollout did not complete within {}s: {reason}",
+                deps.config.deploy.verify_deadline.as_secs()
+            );
+            roll_back(deps, &cluster, &run, app, &digest, &reason).await
+        }
+        Rollout::Failed { reason } => roll_back(deps, &cluster, &run, app, &digest, &reason).await,
+    }
+}
+
+/// A verify message for a run that no longer waits for it: repeat the alert
+/// of the recorded outcome (its MessageId drops a duplicate).
+async fn verify_redelivered(
+    deps: &Deps,
+    run: &Run,
+    attempt: u32,
+    image: &gantry_pipeline::Image,
+    digest: &gantry_pipeline::Digest,
+) -> Result<Done, DeployError> {
+    let Some(v) = run
+        .steps
+        .get(steps::VERIFY)
+        .filter(|v| v.attempts == attempt)
+    else {
+        return Ok(Done(format!(
+            "run {}: not verifying attempt {attempt}; nothing to do",
+            run.id
+        )));
+    };
+    match (run.status, v.status) {
+        (RunStatus::Deployed, StepStatus::Passed) => {
+            deployed_alert(deps, run, image, digest).await?;
+            Ok(Done(format!(
+                "run {}: verify already passed; alert repeated",
+                run.id
+            )))
+        }
+        (RunStatus::RolledBack, StepStatus::Failed) => {
+            rolled_back_alert(deps, run, digest, v.summary.as_deref().unwrap_or("")).await?;
+            Ok(Done(format!(
+                "run {}: already rolled back; alert repeated",
+                run.id
+            )))
+        }
+        _ => {
+            let what =
+                step::repeat_after_redelivery(deps, run, steps::VERIFY, attempt, digest, None)
+                    .await?;
+            Ok(Done(format!(
+                "run {}: {}",
+                run.id,
+                what.unwrap_or_else(|| format!("run is {}; nothing to do", run.status))
+            )))
+        }
+    }
+}
+
+async fn rolled_back_alert(
+    deps: &Deps,
+    run: &Run,
+    digest: &gantry_pipeline::Digest,
+    reason: &str,
+) -> Result<(), StepError> {
+    step::alert(
+        deps,
+        run,
+        steps::VERIFY,
+        "rolled-back",
+        "rolled-back",
+        Severity::High,
+        Some(digest),
+        format!(
+            "{}: rollout of {digest} failed and was rolled back: {reason}",
+            run.app
+        ),
+    )
+    .await
+}
+
+/// The failed rollout of `digest`: block the digest, then apply the previous
+/// good version again (`rolled-back`), or, without one that renders to its
+/// recorded manifest hash, leave the cluster as it is (`failed`).
+async fn roll_back(
+    deps: &Deps,
+    cluster: &Cluster,
+    run: &Run,
+    app: &gantry_pipeline::AppConfig,
+    digest: &gantry_pipeline::Digest,
+    reason: &str,
+) -> Result<Done, DeployError> {
+    let run_id = run.id.to_string();
+    let record = |source: PipelineError| DeployError::Record {
+        run: run_id.clone(),
+        source,
+    };
+    // Blocked first, so it never deploys again automatically even if what
+    // follows is interrupted.
+    let now = OffsetDateTime::now_utc();
+    let blocked = serde_json::to_vec_pretty(&serde_json::json!({
+        "digest": digest, "run_id": run.id, "step": steps::VERIFY, "reason": reason,
+        "at": step::rfc3339(now),
+    }))
+    .unwrap_or_default();
+    match deps
+        .runs
+        .raw()
+        .create(&blobs::blocked(&run.app, digest), &blocked)
+        .await
+    {
+        Ok(_) | Err(gantry_store::StoreError::Conflict { .. }) => {}
+        Err(e) => return Err(record(e.into())),
+    }
+    let deployed_name = blobs::deployed(&run.app);
+    let deployed = match deps
+        .runs
+        .raw()
+        .get(&deployed_name)
+        .await
+        .map_err(|e| record(e.into()))?
+    {
+        Some(v) => decode_deployed(&deployed_name, &v.body).map_err(record)?,
+        None => Deployed::default(),
+    };
+    let fail = |why: String| async move {
+        let reason = format!("{reason}; {why}");
+        step::fail(deps, NAME, run, steps::VERIFY, &reason).await?;
+        Ok::<_, DeployError>(Done(format!("run {}: failed: {reason}", run.id)))
+    };
+    let Some(target) = rollback_target(&deployed, digest) else {
+        return fail("no previous good version to roll back to; left as it is".into()).await;
+    };
+    let rendered = match previous_manifests(deps, app, &target)
+        .await
+        .map_err(record)?
+    {
+        Ok(r) => r,
+        Err(why) => return fail(format!("not rolled back: {why}")).await,
+    };
+    let applied = match cluster.apply(&rendered.objects).await {
+        Ok(a) => a,
+        Err(e) if e.is_transient() => {
+            return Err(DeployError::Kube {
+                run: run.id.to_string(),
+                source: e,
+            });
+        }
+        Err(e) => {
+            return fail(format!("rolling back to {} failed: {e}", target.digest)).await;
+        }
+    };
+    let summary = format!(
+        "{reason}; rolled back to {} (run {})",
+        target.digest, target.run_id
+    );
+    let details = serde_json::json!({
+        "rolled_back_to": target,
+        "applied": applied.objects.len(),
+        "blocked": digest,
+    });
+    deps.runs
+        .update(&run.app, &run.id, |r| {
+            if r.status != RunStatus::Verifying {
+                return Ok(false);
+            }
+            let Some(s) = r.steps.get_mut(steps::VERIFY) else {
+                return Ok(false);
+            };
+            s.status = StepStatus::Failed;
+            s.finished_at = Some(now);
+            s.summary = Some(summary.clone());
+            s.details = details.clone();
+            r.status = RunStatus::RolledBack;
+            Ok(true)
+        })
+        .await
+        .map_err(record)?;
+    step::audit(deps, NAME, run, "run.rolled-back", details).await;
+    rolled_back_alert(deps, run, digest, &summary).await?;
+    Ok(Done(format!("run {run_id}: rolled back: {summary}")))
+}
+
+/// The previous good version's manifests, rendered again with the current
+/// configuration from its run record; `Err(why)` when they cannot be, or no
+/// longer hash to what was deployed (the configuration changed since: applying
+/// them would deploy manifests no policy gate has seen).
+async fn previous_manifests(
+    deps: &Deps,
+    app: &gantry_pipeline::AppConfig,
+    target: &DeployedVersion,
+) -> Result<Result<gantry_manifests::Rendered, String>, PipelineError> {
+    let Some(previous) = deps.runs.get(&app.name, &target.run_id).await? else {
+        return Ok(Err(format!(
+            "the run {} of the previous version is gone",
+            target.run_id
+        )));
+    };
+    let Some(image) = previous
+        .image
+        .as_ref()
+        .filter(|i| i.digest == target.digest)
+    else {
+        return Ok(Err(format!(
+            "the run {} does not hold the digest {}",
+            target.run_id, target.digest
+        )));
+    };
+    let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
+        app,
+        digest: &target.digest,
+        registry_image: &format!("{}/{}", image.registry, image.repository),
+        run_id: Some(&previous.id),
+        commit: previous.source.commit.as_ref(),
+        verdicts: previous
+            .steps
+            .get(steps::SCAN)
+            .and_then(|s| s.summary.as_deref()),
+    }) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(format!("rendering the previous version: {e}"))),
+    };
+    if rendered.hash != target.manifest_hash {
+        return Ok(Err(format!(
+            "the previous version's manifests render to hash {} now, {} was deployed (configuration changed)",
+            short(&rendered.hash),
+            short(&target.manifest_hash)
+        )));
+    }
+    Ok(Ok(rendered))
+}
+
+async fn supersede_verify(
+    deps: &Deps,
+    run: &Run,
+    newer: &gantry_pipeline::RunId,
+) -> Result<(), PipelineError> {
+    let now = OffsetDateTime::now_utc();
+    let summary = format!("superseded while verifying by newer run {newer}");
+    deps.runs
+        .update(&run.app, &run.id, |r| {
+            if r.status != RunStatus::Verifying {
+                return Ok(false);
+            }
+            if let Some(s) = r.steps.get_mut(steps::VERIFY) {
+                s.status = StepStatus::Skipped;
+                s.finished_at = Some(now);
+                s.summary = Some(summary.clone());
+            }
+            r.status = RunStatus::Superseded;
+            Ok(true)
+        })
+        .await?;
+    step::audit(
+        deps,
+        NAME,
+        run,
+        "run.superseded",
+        serde_json::json!({"by": newer, "while": "verifying"}),
     )
     .await;
     Ok(())

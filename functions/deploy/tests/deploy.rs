@@ -212,6 +212,7 @@ impl Harness {
             run_id: run.id.clone(),
             digest: Digest::parse(digest)?,
             attempt,
+            phase: None,
         };
         let body = serde_json::to_vec(&request)?;
         let envelope = gantry_runtime::envelope::host_request_for_message(

@@ -294,6 +294,7 @@ async fn on_pushed(
             run_id: id.clone(),
             digest: digest.clone(),
             attempt: step.attempts,
+            phase: None,
         };
         let message = OutMessage::json("scan", &request)
             .map_err(|source| RegistryPushError::Queue {

@@ -203,6 +203,11 @@ pub enum DeployTarget {
     /// (one file per object, stable names) for a GitOps agent or a person to
     /// commit and sync. The embedded default of `gantry dev`.
     Directory,
+    /// Server-side apply to the cluster of the kubeconfig (`KUBECONFIG`,
+    /// `~/.kube/config`) or, in a pod, the in-cluster service account; the
+    /// rollout is then verified by scheduled `verify` messages and rolled
+    /// back to the previous good version when it fails.
+    Kubernetes,
 }
 
 /// `[deploy]`.
@@ -216,6 +221,13 @@ pub struct DeployConfig {
     /// `<state>/deploy` in `gantry dev`, `deploy` beside this file otherwise.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// `kubernetes` target: how long a rollout may take, counted from the
+    /// apply, before it is rolled back (default `10m`).
+    #[serde(default = "default_verify_deadline", deserialize_with = "de_duration")]
+    pub verify_deadline: std::time::Duration,
+    /// `kubernetes` target: how often the rollout is checked (default `15s`).
+    #[serde(default = "default_verify_interval", deserialize_with = "de_duration")]
+    pub verify_interval: std::time::Duration,
 }
 
 impl Default for DeployConfig {
@@ -223,8 +235,18 @@ impl Default for DeployConfig {
         DeployConfig {
             target: default_target(),
             dir: None,
+            verify_deadline: default_verify_deadline(),
+            verify_interval: default_verify_interval(),
         }
     }
+}
+
+fn default_verify_deadline() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+fn default_verify_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(15)
 }
 
 fn default_target() -> DeployTarget {
@@ -687,6 +709,29 @@ image = "contoso.azurecr.io/web"
         assert!(c.apps_for_repo("Contoso/Web").count() == 1);
         assert!(c.app_for_image("CONTOSO.azurecr.io", "web").is_some());
         assert!(c.app_for_image("contoso.azurecr.io", "api").is_none());
+    }
+
+    #[test]
+    fn deploy_target_kubernetes_and_verify_timing() {
+        let c = Config::parse(GOOD, "t").expect("parses");
+        assert_eq!(c.deploy.target, DeployTarget::Directory);
+        assert_eq!(
+            c.deploy.verify_deadline,
+            std::time::Duration::from_secs(600)
+        );
+        assert_eq!(c.deploy.verify_interval, std::time::Duration::from_secs(15));
+        let text = format!(
+            "{GOOD}\n[deploy]\ntarget = \"kubernetes\"\nverify_deadline = \"5m\"\nverify_interval = \"10s\"\n"
+        );
+        let c = Config::parse(&text, "t").expect("parses");
+        assert_eq!(c.deploy.target, DeployTarget::Kubernetes);
+        assert_eq!(
+            c.deploy.verify_deadline,
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(c.deploy.verify_interval, std::time::Duration::from_secs(10));
+        let text = format!("{GOOD}\n[deploy]\nverify_interval = \"soon\"\n");
+        assert!(Config::parse(&text, "t").is_err());
     }
 
     #[test]

@@ -22,12 +22,32 @@ pub struct StepRequest {
     pub digest: Digest,
     /// Attempt number of the step (1 for the first, +1 per retrigger).
     pub attempt: u32,
+    /// Which part of a step this message asks for; absent for the step
+    /// itself. `"verify"` ([`PHASE_VERIFY`]) on the `deploy` queue: check the
+    /// rollout of the deploy attempt `attempt`. Omitted from the JSON when
+    /// absent, so messages without it read and write as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
+
+/// [`StepRequest::phase`] of the scheduled rollout checks.
+pub const PHASE_VERIFY: &str = "verify";
 
 impl StepRequest {
     /// `{run}:{step}:{attempt}`, e.g. `01j…:scan:1`.
     pub fn message_id(&self, step: &str) -> String {
         format!("{}:{}:{}", self.run_id, step, self.attempt)
+    }
+
+    /// `{run}:verify:{attempt}:{n}`: the `n`th rollout check of deploy
+    /// attempt `attempt`.
+    pub fn verify_message_id(&self, n: u32) -> String {
+        format!("{}:verify:{}:{n}", self.run_id, self.attempt)
+    }
+
+    /// Whether this is a rollout check (`phase = "verify"`).
+    pub fn is_verify(&self) -> bool {
+        self.phase.as_deref() == Some(PHASE_VERIFY)
     }
 }
 
@@ -108,4 +128,34 @@ pub struct DeployedVersion {
     pub run_id: RunId,
     /// SHA-256 of the rendered manifests.
     pub manifest_hash: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_request_without_phase_keeps_its_json() {
+        let text = format!(
+            r#"{{"app":"web","run_id":"{}","digest":"sha256:{}","attempt":1}}"#,
+            crate::ids::new_run_id(1_700_000_000_000),
+            "ab".repeat(32)
+        );
+        let request: StepRequest = serde_json::from_str(&text).expect("reads");
+        assert_eq!(request.phase, None);
+        assert!(!request.is_verify());
+        assert_eq!(serde_json::to_string(&request).expect("writes"), text);
+
+        let verify = StepRequest {
+            phase: Some(PHASE_VERIFY.into()),
+            ..request
+        };
+        assert!(verify.is_verify());
+        let value = serde_json::to_value(&verify).expect("writes");
+        assert_eq!(value["phase"], "verify");
+        assert_eq!(
+            verify.verify_message_id(3),
+            format!("{}:verify:1:3", verify.run_id)
+        );
+    }
 }

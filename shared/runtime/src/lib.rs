@@ -114,6 +114,49 @@ impl Services {
         cache.insert(key, value.clone());
         Ok(value)
     }
+
+    /// Like [`Services::cached`] for a value whose construction is async (a
+    /// Kubernetes client reads its kubeconfig or service-account token).
+    /// `init` runs without the cache locked: two invocations racing on an
+    /// empty cache may both build one, and the first stored is kept and
+    /// returned to both. A failure is not cached (the next call tries again).
+    pub async fn cached_async<T, E, F, Fut>(&self, key: &'static str, init: F) -> Result<Arc<T>, E>
+    where
+        T: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        if let Some(found) = self.get::<T>(key) {
+            return Ok(found);
+        }
+        let value = Arc::new(init().await?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = cache.get(key).and_then(|v| v.clone().downcast::<T>().ok()) {
+            return Ok(found); // built meanwhile by another invocation
+        }
+        cache.insert(key, value.clone());
+        Ok(value)
+    }
+
+    /// Puts `value` under `key`, replacing what was there: how a host or a
+    /// test provides a client up front (e.g. a Kubernetes client on a fake
+    /// API server under `deploy/cluster`), which [`Services::cached`] and
+    /// [`Services::cached_async`] then return instead of building their own.
+    pub fn insert<T: Send + Sync + 'static>(&self, key: &'static str, value: Arc<T>) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, value);
+    }
+
+    /// The value under `key`, if one of type `T` is there.
+    pub fn get<T: Send + Sync + 'static>(&self, key: &'static str) -> Option<Arc<T>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .and_then(|v| v.clone().downcast::<T>().ok())
+    }
 }
 
 /// Everything a function may use. Built once per process.
@@ -497,4 +540,35 @@ pub async fn record_rejection(
         ));
     deps.send(msg).await.map_err(|e| e.to_string())?;
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn inserted_values_are_returned_and_async_init_is_cached() {
+        let services = Services::default();
+        services.insert("k/inserted", Arc::new(7u32));
+        let found: Result<Arc<u32>, String> = services
+            .cached_async("k/inserted", || async { Ok(8u32) })
+            .await;
+        assert_eq!(found.as_deref(), Ok(&7));
+        assert_eq!(services.get::<u32>("k/inserted").as_deref(), Some(&7));
+
+        let failed: Result<Arc<u32>, String> = services
+            .cached_async("k/lazy", || async { Err("no kubeconfig".to_string()) })
+            .await;
+        assert!(failed.is_err());
+        assert!(
+            services.get::<u32>("k/lazy").is_none(),
+            "failures are not cached"
+        );
+        let built: Result<Arc<u32>, String> =
+            services.cached_async("k/lazy", || async { Ok(1u32) }).await;
+        assert_eq!(built.as_deref(), Ok(&1));
+        let again: Result<Arc<u32>, String> =
+            services.cached_async("k/lazy", || async { Ok(2u32) }).await;
+        assert_eq!(again.as_deref(), Ok(&1));
+    }
 }

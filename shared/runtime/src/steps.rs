@@ -79,6 +79,7 @@ pub async fn send_step(
         run_id: run.id.clone(),
         digest: digest.clone(),
         attempt,
+        phase: None,
     };
     let queue_err = |source| StepError::Queue {
         run: run.id.clone(),
