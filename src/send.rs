@@ -108,9 +108,7 @@ pub async fn run(args: SendArgs) -> Result<()> {
     let base = args.url.trim_end_matches('/');
     let response = match target {
         Target::Github(event) => {
-            let secret = crate::wiring::secrets(true)
-                .github_webhook
-                .context("no webhook secret")?;
+            let secret = crate::wiring::webhook_secret(true).context("no webhook secret")?;
             let signature = gantry_runtime::signature::sign_sha256(secret.expose(), &bytes);
             let delivery = args.delivery.clone().unwrap_or_else(new_guid);
             println!("POST {base}/api/github  event={event} delivery={delivery}");

@@ -43,11 +43,14 @@ pub async fn run() -> Result<()> {
         .context("building the HTTP client")?;
     let bus =
         gantry_bus::servicebus::ServiceBusRest::connect(&servicebus, credential, http.clone())?;
-    let secrets = crate::wiring::secrets(false);
+    let secrets = crate::wiring::secrets(false)?;
     if secrets.github_webhook.is_none() {
         tracing::error!(
             "GANTRY_GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused"
         );
+    }
+    if secrets.api_tokens.is_empty() {
+        tracing::error!("GANTRY_API_TOKENS is not set: every operator API call will answer 401");
     }
     let deps = Arc::new(Deps {
         runs: gantry_pipeline::RunStore::new(store),

@@ -82,16 +82,25 @@ pub fn load_config(path: Option<&Path>) -> Result<Config> {
     })
 }
 
-/// Reads secrets from the environment. `dev_default` fills in the development
-/// webhook secret when none is set (only `gantry dev` passes `true`).
-pub fn secrets(dev_default: bool) -> Secrets {
-    let webhook = std::env::var("GANTRY_GITHUB_WEBHOOK_SECRET")
+/// The webhook secret from the environment. `dev_default` fills in the
+/// development secret when none is set (only `gantry dev` and `gantry send`).
+pub fn webhook_secret(dev_default: bool) -> Option<Secret> {
+    std::env::var("GANTRY_GITHUB_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty())
-        .or_else(|| dev_default.then(|| DEV_WEBHOOK_SECRET.to_string()));
-    Secrets {
-        github_webhook: webhook.map(|s| Secret::new(s.into_bytes())),
-    }
+        .or_else(|| dev_default.then(|| DEV_WEBHOOK_SECRET.to_string()))
+        .map(|s| Secret::new(s.into_bytes()))
+}
+
+/// Reads secrets from the environment (see [`webhook_secret`]). A malformed
+/// `GANTRY_API_TOKENS` is an error naming the entry (never its hash); unset,
+/// no token is configured and every operator API call answers 401.
+pub fn secrets(dev_default: bool) -> Result<Secrets> {
+    let tokens = std::env::var("GANTRY_API_TOKENS").unwrap_or_default();
+    Ok(Secrets {
+        github_webhook: webhook_secret(dev_default),
+        api_tokens: gantry_runtime::auth::parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
+    })
 }
 
 /// Outbound services for `gantry dev`: a developer credential only when an

@@ -80,6 +80,7 @@ impl Harness {
             config: Arc::new(Config::parse(config, "test.toml")?),
             secrets: Secrets {
                 github_webhook: secret.map(Secret::new),
+                ..Secrets::default()
             },
             services: Default::default(),
         };

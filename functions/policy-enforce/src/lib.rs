@@ -294,7 +294,10 @@ async fn pass(
             s.details = details.clone();
             if require_approval {
                 r.status = RunStatus::AwaitingApproval;
-                r.steps.insert(steps::APPROVAL.into(), Step::pending(1));
+                // started_at: when the approval expiry starts counting.
+                let mut approval = Step::pending(1);
+                approval.started_at = Some(now);
+                r.steps.insert(steps::APPROVAL.into(), approval);
             } else {
                 r.status = RunStatus::Deploying;
                 r.steps.insert(steps::DEPLOY.into(), Step::pending(1));

@@ -457,7 +457,19 @@ async fn an_app_that_requires_approval_waits_for_it_without_a_deploy_message() -
     let stored = h.run(&run).await?;
     assert_eq!(stored.status, RunStatus::AwaitingApproval);
     assert_eq!(step(&stored, "policy")?.status, StepStatus::Passed);
-    assert_eq!(*step(&stored, "approval")?, Step::pending(1));
+    let approval = step(&stored, "approval")?;
+    assert_eq!(
+        *approval,
+        Step {
+            started_at: approval.started_at,
+            ..Step::pending(1)
+        }
+    );
+    let started = approval.started_at.context("approval started_at")?;
+    ensure!(
+        (OffsetDateTime::now_utc() - started).whole_seconds().abs() < 60,
+        "{started}"
+    );
     assert!(!stored.steps.contains_key("deploy"), "{stored:#?}");
     h.assert_quiet(&[]).await?;
 

@@ -136,6 +136,7 @@ impl Harness {
             config: Arc::new(Config::parse(CONFIG, "test.toml")?),
             secrets: Secrets {
                 github_webhook: Some(Secret::new(SECRET)),
+                ..Secrets::default()
             },
             services: Default::default(),
         };

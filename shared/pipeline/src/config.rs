@@ -402,6 +402,10 @@ pub struct AppConfig {
     /// Whether a run waits for an operator's approval before deploying.
     #[serde(default)]
     pub require_approval: bool,
+    /// How long an approval may wait, from when the approval step was created;
+    /// approving later answers 409 `approval_expired` and blocks the run (default `24h`).
+    #[serde(default = "default_approval_expiry", deserialize_with = "de_duration")]
+    pub approval_expiry: std::time::Duration,
     /// Names of the GitHub Actions workflows that build the image; a failed run
     /// of one of them fails the commit's run. Empty: any workflow run for a
     /// push to a tracked branch.
@@ -424,6 +428,9 @@ pub struct AppConfig {
 
 fn default_branches() -> Vec<String> {
     vec!["main".to_string()]
+}
+fn default_approval_expiry() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
 }
 fn default_port() -> u16 {
     8080

@@ -10,6 +10,7 @@
 //! envelope), and each HTTP function's own routes under `/api/` (the host
 //! forwards the original request with `enableForwardingHttpRequest`).
 
+pub mod auth;
 pub mod envelope;
 pub mod http_error;
 pub mod signature;
@@ -58,6 +59,8 @@ impl std::fmt::Debug for Secret {
 pub struct Secrets {
     /// `GANTRY_GITHUB_WEBHOOK_SECRET`: without it every webhook is refused.
     pub github_webhook: Option<Secret>,
+    /// `GANTRY_API_TOKENS`: without any, every operator API call answers 401.
+    pub api_tokens: Vec<auth::ApiToken>,
 }
 
 /// Outbound clients and per-process caches shared by functions.
