@@ -225,7 +225,9 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
     // count as newer deliveries.
     let newer = newer_run(deps, &run, |_| true).await.map_err(record)?;
     if let Some(newer) = newer {
-        supersede(deps, &run, &newer).await.map_err(record)?;
+        supersede(deps, &run, &newer, RunStatus::Deploying, steps::DEPLOY)
+            .await
+            .map_err(record)?;
         return Ok(Done(format!(
             "run {run_id}: superseded by newer run {newer}"
         )));
@@ -430,47 +432,31 @@ async fn record_deployed(
     digest: &gantry_pipeline::Digest,
     hash: &str,
 ) -> Result<Option<DeployedVersion>, PipelineError> {
-    let name = blobs::deployed(&run.app);
-    let store = deps.runs.raw();
     let this = DeployedVersion {
         digest: digest.clone(),
         run_id: run.id.clone(),
         manifest_hash: hash.to_string(),
     };
-    for _ in 0..16 {
-        let current = store.get(&name).await?;
-        let mut deployed = match &current {
-            Some(v) => decode_deployed(&name, &v.body)?,
-            None => Deployed::default(),
-        };
-        if deployed
-            .current
-            .as_ref()
-            .is_some_and(|c| c.run_id == run.id)
-        {
-            return Ok(deployed.previous); // a redelivery: already recorded
-        }
-        if let Some(former) = deployed.current.take()
-            && former.digest != *digest
-        {
-            deployed.previous = Some(former);
-        }
-        deployed.current = Some(this.clone());
-        let body = serde_json::to_vec_pretty(&deployed).map_err(|e| PipelineError::Decode {
-            name: name.clone(),
-            message: e.to_string(),
-        })?;
-        let result = match &current {
-            Some(v) => store.replace(&name, &body, &v.etag).await,
-            None => store.create(&name, &body).await,
-        };
-        match result {
-            Ok(_) => return Ok(deployed.previous),
-            Err(gantry_store::StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(PipelineError::Contention { name, attempts: 16 })
+    let deployed: Deployed = deps
+        .runs
+        .update_json(&blobs::deployed(&run.app), |deployed: &mut Deployed| {
+            if deployed
+                .current
+                .as_ref()
+                .is_some_and(|c| c.run_id == run.id)
+            {
+                return Ok(false); // a redelivery: already recorded
+            }
+            if let Some(former) = deployed.current.take()
+                && former.digest != *digest
+            {
+                deployed.previous = Some(former);
+            }
+            deployed.current = Some(this.clone());
+            Ok(true)
+        })
+        .await?;
+    Ok(deployed.previous)
 }
 
 fn decode_deployed(name: &str, body: &[u8]) -> Result<Deployed, PipelineError> {
@@ -496,9 +482,7 @@ async fn finish(
             let Some(s) = r.steps.get_mut(steps::DEPLOY) else {
                 return Ok(false);
             };
-            s.status = StepStatus::Passed;
-            s.finished_at = Some(now);
-            s.summary = Some(summary.to_string());
+            s.finish(StepStatus::Passed, now, summary.to_string());
             s.details = serde_json::json!({
                 "target": "directory",
                 "manifest_hash": hash,
@@ -532,35 +516,40 @@ async fn finish(
     Ok(())
 }
 
+/// Marks `run` superseded by `newer` while it waits in `status` at `step`
+/// (deploy before applying, verify while checking a rollout).
 async fn supersede(
     deps: &Deps,
     run: &Run,
     newer: &gantry_pipeline::RunId,
+    status: RunStatus,
+    step_name: &str,
 ) -> Result<(), PipelineError> {
     let now = OffsetDateTime::now_utc();
-    let summary = format!("superseded by newer run {newer}");
+    let verifying = status == RunStatus::Verifying;
+    let summary = if verifying {
+        format!("superseded while verifying by newer run {newer}")
+    } else {
+        format!("superseded by newer run {newer}")
+    };
     deps.runs
         .update(&run.app, &run.id, |r| {
-            if r.status != RunStatus::Deploying {
+            if r.status != status {
                 return Ok(false);
             }
-            if let Some(s) = r.steps.get_mut(steps::DEPLOY) {
-                s.status = StepStatus::Skipped;
-                s.finished_at = Some(now);
-                s.summary = Some(summary.clone());
+            if let Some(s) = r.steps.get_mut(step_name) {
+                s.finish(StepStatus::Skipped, now, summary.clone());
             }
             r.status = RunStatus::Superseded;
             Ok(true)
         })
         .await?;
-    step::audit(
-        deps,
-        NAME,
-        run,
-        "run.superseded",
-        serde_json::json!({"by": newer}),
-    )
-    .await;
+    let detail = if verifying {
+        serde_json::json!({"by": newer, "while": "verifying"})
+    } else {
+        serde_json::json!({"by": newer})
+    };
+    step::audit(deps, NAME, run, "run.superseded", detail).await;
     Ok(())
 }
 
@@ -687,9 +676,7 @@ async fn apply_kubernetes(
             let Some(s) = r.steps.get_mut(steps::DEPLOY) else {
                 return Ok(false);
             };
-            s.status = StepStatus::Passed;
-            s.finished_at = Some(now);
-            s.summary = Some(summary.clone());
+            s.finish(StepStatus::Passed, now, summary.clone());
             s.details = details.clone();
             r.steps.insert(
                 steps::VERIFY.into(),
@@ -792,7 +779,9 @@ async fn verify(
         .await
         .map_err(record)?
     {
-        supersede_verify(deps, &run, &newer).await.map_err(record)?;
+        supersede(deps, &run, &newer, RunStatus::Verifying, steps::VERIFY)
+            .await
+            .map_err(record)?;
         return Ok(Done(format!(
             "run {run_id}: superseded while verifying by newer run {newer}"
         )));
@@ -826,9 +815,7 @@ async fn verify(
                     let Some(s) = r.steps.get_mut(steps::VERIFY) else {
                         return Ok(false);
                     };
-                    s.status = StepStatus::Passed;
-                    s.finished_at = Some(now);
-                    s.summary = Some(summary.clone());
+                    s.finish(StepStatus::Passed, now, summary.clone());
                     r.status = RunStatus::Deployed;
                     Ok(true)
                 })
@@ -1039,9 +1026,7 @@ async fn roll_back(
             let Some(s) = r.steps.get_mut(steps::VERIFY) else {
                 return Ok(false);
             };
-            s.status = StepStatus::Failed;
-            s.finished_at = Some(now);
-            s.summary = Some(summary.clone());
+            s.finish(StepStatus::Failed, now, summary.clone());
             s.details = details.clone();
             r.status = RunStatus::RolledBack;
             Ok(true)
@@ -1100,36 +1085,4 @@ async fn previous_manifests(
         )));
     }
     Ok(Ok(rendered))
-}
-
-async fn supersede_verify(
-    deps: &Deps,
-    run: &Run,
-    newer: &gantry_pipeline::RunId,
-) -> Result<(), PipelineError> {
-    let now = OffsetDateTime::now_utc();
-    let summary = format!("superseded while verifying by newer run {newer}");
-    deps.runs
-        .update(&run.app, &run.id, |r| {
-            if r.status != RunStatus::Verifying {
-                return Ok(false);
-            }
-            if let Some(s) = r.steps.get_mut(steps::VERIFY) {
-                s.status = StepStatus::Skipped;
-                s.finished_at = Some(now);
-                s.summary = Some(summary.clone());
-            }
-            r.status = RunStatus::Superseded;
-            Ok(true)
-        })
-        .await?;
-    step::audit(
-        deps,
-        NAME,
-        run,
-        "run.superseded",
-        serde_json::json!({"by": newer, "while": "verifying"}),
-    )
-    .await;
-    Ok(())
 }

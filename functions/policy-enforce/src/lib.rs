@@ -288,9 +288,7 @@ async fn pass(
             if s.status == StepStatus::Passed {
                 return Ok(false);
             }
-            s.status = StepStatus::Passed;
-            s.finished_at = Some(now);
-            s.summary = Some(summary.to_string());
+            s.finish(StepStatus::Passed, now, summary.to_string());
             s.details = details.clone();
             if require_approval {
                 r.status = RunStatus::AwaitingApproval;

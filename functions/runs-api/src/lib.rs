@@ -303,9 +303,7 @@ async fn reject(
             let Some(s) = r.steps.get_mut(steps::APPROVAL) else {
                 return Ok(false);
             };
-            s.status = StepStatus::Blocked;
-            s.finished_at = Some(now);
-            s.summary = Some(summary.clone());
+            s.finish(StepStatus::Blocked, now, summary.clone());
             s.details = serde_json::json!({"principal": principal, "reason": reason});
             r.status = RunStatus::Blocked;
             changed = true;

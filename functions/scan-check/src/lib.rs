@@ -398,32 +398,17 @@ async fn save_scan(
     verdict: &Verdict,
     origin: &str,
 ) -> Result<(), PipelineError> {
-    let name = format!("scans/{digest}.json");
-    let body = serde_json::to_vec_pretty(&serde_json::json!({
+    let record = serde_json::json!({
         "digest": digest,
         "origin": origin,
         "scanned_at": findings.scanned_at,
         "checked_at": rfc3339(OffsetDateTime::now_utc()),
         "verdict": verdict,
         "findings": findings.findings,
-    }))
-    .map_err(|e| PipelineError::Decode {
-        name: name.clone(),
-        message: e.to_string(),
-    })?;
-    let store = deps.runs.raw();
-    for _ in 0..8 {
-        let result = match store.get(&name).await? {
-            None => store.create(&name, &body).await,
-            Some(v) => store.replace(&name, &body, &v.etag).await,
-        };
-        match result {
-            Ok(_) => return Ok(()),
-            Err(gantry_store::StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(PipelineError::Contention { name, attempts: 8 })
+    });
+    deps.runs
+        .put_json(&format!("scans/{digest}.json"), &record)
+        .await
 }
 
 async fn pass(
@@ -447,9 +432,7 @@ async fn pass(
             if s.status == StepStatus::Passed {
                 return Ok(false);
             }
-            s.status = StepStatus::Passed;
-            s.finished_at = Some(now);
-            s.summary = Some(verdict.summary.clone());
+            s.finish(StepStatus::Passed, now, verdict.summary.clone());
             s.details = details.clone();
             r.status = RunStatus::CheckingPolicy;
             r.steps.insert(steps::POLICY.into(), Step::pending(1));

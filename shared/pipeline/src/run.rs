@@ -208,6 +208,14 @@ impl Step {
         }
     }
 
+    /// Records that the step reached `status` at `at`, with its one-line summary.
+    /// (Details, if any, are set by the caller: not every outcome replaces them.)
+    pub fn finish(&mut self, status: StepStatus, at: OffsetDateTime, summary: impl Into<String>) {
+        self.status = status;
+        self.finished_at = Some(at);
+        self.summary = Some(summary.into());
+    }
+
     /// A step that finished at `at` with `status`.
     pub fn finished(status: StepStatus, at: OffsetDateTime, summary: impl Into<String>) -> Step {
         Step {

@@ -223,6 +223,64 @@ impl RunStore {
         })
     }
 
+    /// Read-modify-write of a JSON blob other than a run (e.g.
+    /// `apps/{app}/deployed.json`) with compare-and-swap; an absent blob starts
+    /// from `T::default()` and is created. `change` returns whether it modified
+    /// the value (no write otherwise) and may run several times. Returns the
+    /// value as stored afterwards.
+    pub async fn update_json<T, F>(&self, name: &str, mut change: F) -> Result<T, PipelineError>
+    where
+        T: Serialize + for<'de> Deserialize<'de> + Default,
+        F: FnMut(&mut T) -> Result<bool, PipelineError> + Send,
+    {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let current = self.read_json::<T>(name).await?;
+            let (mut value, etag) = match current {
+                Some((v, etag)) => (v, Some(etag)),
+                None => (T::default(), None),
+            };
+            if !change(&mut value)? {
+                return Ok(value);
+            }
+            let body = encode(name, &value)?;
+            let result = match &etag {
+                Some(etag) => self.store.replace(name, &body, etag).await,
+                None => self.store.create(name, &body).await,
+            };
+            match result {
+                Ok(_) => return Ok(value),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(PipelineError::Contention {
+            name: name.to_string(),
+            attempts: MAX_CAS_ATTEMPTS,
+        })
+    }
+
+    /// Writes `value` to a blob whatever it held before (created when absent,
+    /// else replaced; a lost race is retried). For records that are rewritten
+    /// whole, such as `scans/{digest}.json`.
+    pub async fn put_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), PipelineError> {
+        let body = encode(name, value)?;
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let result = match self.store.get(name).await? {
+                None => self.store.create(name, &body).await,
+                Some(v) => self.store.replace(name, &body, &v.etag).await,
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(PipelineError::Contention {
+            name: name.to_string(),
+            attempts: MAX_CAS_ATTEMPTS,
+        })
+    }
+
     /// Points `index/commits/{app}/{sha}` at `run` unless it already points
     /// somewhere; returns the run id the index holds afterwards (the winner).
     pub async fn claim_commit(
@@ -412,6 +470,13 @@ impl RunStore {
             .filter_map(|line| serde_json::from_slice(line).ok())
             .collect())
     }
+}
+
+fn encode<T: Serialize>(name: &str, value: &T) -> Result<Vec<u8>, PipelineError> {
+    serde_json::to_vec_pretty(value).map_err(|e| PipelineError::Decode {
+        name: name.to_string(),
+        message: e.to_string(),
+    })
 }
 
 fn claim_name(source: ClaimSource, key: &str) -> String {

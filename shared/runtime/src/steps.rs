@@ -162,9 +162,7 @@ pub async fn block(
             if s.status == StepStatus::Blocked {
                 return Ok(false);
             }
-            s.status = StepStatus::Blocked;
-            s.finished_at = Some(now);
-            s.summary = Some(reason.to_string());
+            s.finish(StepStatus::Blocked, now, reason.to_string());
             s.details = details.clone();
             r.status = RunStatus::Blocked;
             Ok(true)
@@ -179,17 +177,7 @@ pub async fn block(
         serde_json::json!({"digest": digest, "reason": reason}),
     )
     .await;
-    alert(
-        deps,
-        run,
-        step,
-        &format!("{step}-blocked"),
-        &format!("{step}-blocked"),
-        Severity::High,
-        Some(digest),
-        format!("{}: {reason}", run.app),
-    )
-    .await
+    blocked_alert(deps, run, step, digest, reason).await
 }
 
 /// Fails `run` at `step` for a reason retrying cannot fix (a malformed report,
@@ -211,9 +199,7 @@ pub async fn fail(
             if s.status == StepStatus::Failed {
                 return Ok(false);
             }
-            s.status = StepStatus::Failed;
-            s.finished_at = Some(now);
-            s.summary = Some(reason.to_string());
+            s.finish(StepStatus::Failed, now, reason.to_string());
             r.status = RunStatus::Failed;
             Ok(true)
         })
@@ -230,15 +216,12 @@ pub async fn fail(
         serde_json::json!({"reason": reason}),
     )
     .await;
-    alert(
+    failed_alert(
         deps,
         run,
         step,
-        &format!("{step}-failed"),
-        "run-failed",
-        Severity::High,
         run.image.as_ref().map(|i| &i.digest),
-        format!("{}: {step} failed: {reason}", run.app),
+        reason,
     )
     .await
 }
@@ -350,33 +333,56 @@ pub async fn repeat_after_redelivery(
             )))
         }
         StepStatus::Blocked if run.status == RunStatus::Blocked => {
-            alert(
-                deps,
-                run,
-                step,
-                &format!("{step}-blocked"),
-                &format!("{step}-blocked"),
-                Severity::High,
-                Some(digest),
-                format!("{}: {reason}", run.app),
-            )
-            .await?;
+            blocked_alert(deps, run, step, digest, &reason).await?;
             Ok(Some(format!("{step} already blocked; alert repeated")))
         }
         StepStatus::Failed if run.status == RunStatus::Failed => {
-            alert(
-                deps,
-                run,
-                step,
-                &format!("{step}-failed"),
-                "run-failed",
-                Severity::High,
-                Some(digest),
-                format!("{}: {step} failed: {reason}", run.app),
-            )
-            .await?;
+            failed_alert(deps, run, step, Some(digest), &reason).await?;
             Ok(Some(format!("{step} already failed; alert repeated")))
         }
         _ => Ok(None),
     }
+}
+
+/// The high alert of a blocked step, `{run}:alert:{step}-blocked`.
+async fn blocked_alert(
+    deps: &Deps,
+    run: &Run,
+    step: &str,
+    digest: &Digest,
+    reason: &str,
+) -> Result<(), StepError> {
+    let key = format!("{step}-blocked");
+    alert(
+        deps,
+        run,
+        step,
+        &key,
+        &key,
+        Severity::High,
+        Some(digest),
+        format!("{}: {reason}", run.app),
+    )
+    .await
+}
+
+/// The high alert of a failed step, `{run}:alert:{step}-failed`.
+async fn failed_alert(
+    deps: &Deps,
+    run: &Run,
+    step: &str,
+    digest: Option<&Digest>,
+    reason: &str,
+) -> Result<(), StepError> {
+    alert(
+        deps,
+        run,
+        step,
+        &format!("{step}-failed"),
+        "run-failed",
+        Severity::High,
+        digest,
+        format!("{}: {step} failed: {reason}", run.app),
+    )
+    .await
 }
