@@ -249,20 +249,17 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         .await?;
         return Ok(Done(format!("run {run_id}: {reason}")));
     }
-    let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
-        app,
-        digest: &digest,
-        registry_image: &format!("{}/{}", image.registry, image.repository),
-        run_id: Some(&run.id),
-        commit: run.source.commit.as_ref(),
-        verdicts: run
-            .steps
-            .get(steps::SCAN)
-            .and_then(|s| s.summary.as_deref()),
-    }) {
+    // A rollback run deploys an earlier run's manifests exactly as that run
+    // rendered them (its provenance), which is what that run's policy gate checked.
+    let rendered = match rendering_source(deps, &run)
+        .await
+        .map_err(record)?
+        .and_then(|source| {
+            gantry_manifests::render_run(app, &source)
+                .map_err(|e| format!("rendering manifests: {e}"))
+        }) {
         Ok(r) => r,
-        Err(e) => {
-            let reason = format!("rendering manifests: {e}");
+        Err(reason) => {
             step::fail(deps, NAME, &run, steps::DEPLOY, &reason).await?;
             return Ok(Done(format!("run {run_id}: failed: {reason}")));
         }
@@ -987,6 +984,11 @@ async fn roll_back(
         step::fail(deps, NAME, run, steps::VERIFY, &reason).await?;
         Ok::<_, DeployError>(Done(format!("run {}: failed: {reason}", run.id)))
     };
+    if run.rollback.is_some() {
+        // Re-applying what it rolled back from would undo an operator's (or a
+        // security alert's) decision: leave the cluster for a person to judge.
+        return fail("a rollback is not rolled back automatically; left as it is".into()).await;
+    }
     let Some(target) = rollback_target(&deployed, digest) else {
         return fail("no previous good version to roll back to; left as it is".into()).await;
     };
@@ -1053,27 +1055,17 @@ async fn previous_manifests(
             target.run_id
         )));
     };
-    let Some(image) = previous
-        .image
-        .as_ref()
-        .filter(|i| i.digest == target.digest)
-    else {
+    if previous.image.as_ref().map(|i| &i.digest) != Some(&target.digest) {
         return Ok(Err(format!(
             "the run {} does not hold the digest {}",
             target.run_id, target.digest
         )));
+    }
+    let source = match rendering_source(deps, &previous).await? {
+        Ok(source) => source,
+        Err(why) => return Ok(Err(why)),
     };
-    let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
-        app,
-        digest: &target.digest,
-        registry_image: &format!("{}/{}", image.registry, image.repository),
-        run_id: Some(&previous.id),
-        commit: previous.source.commit.as_ref(),
-        verdicts: previous
-            .steps
-            .get(steps::SCAN)
-            .and_then(|s| s.summary.as_deref()),
-    }) {
+    let rendered = match gantry_manifests::render_run(app, &source) {
         Ok(r) => r,
         Err(e) => return Ok(Err(format!("rendering the previous version: {e}"))),
     };
@@ -1085,4 +1077,27 @@ async fn previous_manifests(
         )));
     }
     Ok(Ok(rendered))
+}
+
+/// The run whose provenance `run`'s manifests are rendered with: `run` itself,
+/// or for a rollback run the earlier run it deploys again (which must hold the
+/// same digest). `Err(why)` when that run is gone or does not match.
+async fn rendering_source(deps: &Deps, run: &Run) -> Result<Result<Run, String>, PipelineError> {
+    let Some(of) = &run.rollback else {
+        return Ok(Ok(run.clone()));
+    };
+    let Some(source) = deps.runs.get(&run.app, &of.run_id).await? else {
+        return Ok(Err(format!(
+            "the run {} this rollback deploys again is gone",
+            of.run_id
+        )));
+    };
+    let digest = |r: &Run| r.image.as_ref().map(|i| i.digest.clone());
+    if digest(&source) != digest(run) {
+        return Ok(Err(format!(
+            "the run {} this rollback deploys again does not hold its digest",
+            of.run_id
+        )));
+    }
+    Ok(Ok(source))
 }
