@@ -27,8 +27,10 @@
 //! apply) → check again after `verify_interval`; failed or out of time → the
 //! digest is blocked and the previous good version is applied again (`rolled-back`),
 //! or, without one whose manifests render to the recorded hash, the run is
-//! `failed`. The cluster client is built once per process from the
-//! kubeconfig or the in-cluster service account ([`CLUSTER_KEY`]).
+//! `failed`. The cluster client is built once per process ([`CLUSTER_KEY`]):
+//! for `[deploy] aks_cluster`, from Azure Resource Manager with Entra tokens
+//! ([`gantry_kube::aks`]); otherwise from the kubeconfig or the in-cluster
+//! service account.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -555,7 +557,25 @@ async fn supersede(
 /// The process's cluster client (see [`CLUSTER_KEY`]).
 async fn cluster(deps: &Deps) -> Result<Arc<Cluster>, KubeError> {
     deps.services
-        .cached_async(CLUSTER_KEY, Cluster::from_kubeconfig_or_in_cluster)
+        .cached_async(CLUSTER_KEY, || async {
+            let Some(id) = &deps.config.deploy.aks_cluster else {
+                return Cluster::from_kubeconfig_or_in_cluster().await;
+            };
+            let Some(credential) = deps.services.credential.clone() else {
+                return Err(KubeError::Connect {
+                    message: format!(
+                        "[deploy] aks_cluster {id} needs an Azure credential; none is configured"
+                    ),
+                });
+            };
+            Cluster::from_aks(
+                id,
+                &deps.config.deploy.arm_endpoint,
+                credential,
+                &deps.services.http,
+            )
+            .await
+        })
         .await
 }
 

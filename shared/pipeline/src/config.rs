@@ -228,6 +228,52 @@ pub struct DeployConfig {
     /// `kubernetes` target: how often the rollout is checked (default `15s`).
     #[serde(default = "default_verify_interval", deserialize_with = "de_duration")]
     pub verify_interval: std::time::Duration,
+    /// `kubernetes` target on AKS, reached from outside the cluster with
+    /// Microsoft Entra ID (the Function App's managed identity): the cluster's
+    /// resource id. Unset: the kubeconfig or the in-cluster service account.
+    #[serde(default)]
+    pub aks_cluster: Option<String>,
+    /// Azure Resource Manager endpoint used to look up `aks_cluster`'s
+    /// server and CA (default `https://management.azure.com`; sovereign
+    /// clouds differ).
+    #[serde(default = "default_arm_endpoint")]
+    pub arm_endpoint: String,
+}
+
+fn default_arm_endpoint() -> String {
+    "https://management.azure.com".into()
+}
+
+/// Checks an AKS resource id
+/// (`/subscriptions/{uuid}/resourceGroups/{group}/providers/Microsoft.ContainerService/managedClusters/{name}`)
+/// before it becomes part of a URL; `Err` says what it should look like.
+pub fn check_aks_cluster_id(id: &str) -> Result<(), String> {
+    let parts: Vec<&str> = id.split('/').collect();
+    let segment = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'))
+    };
+    let ok = parts.len() == 9
+        && parts[0].is_empty()
+        && parts[1].eq_ignore_ascii_case("subscriptions")
+        && parts[2].len() == 36
+        && parts[2].chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        && parts[3].eq_ignore_ascii_case("resourceGroups")
+        && segment(parts[4], 90)
+        && parts[5].eq_ignore_ascii_case("providers")
+        && parts[6].eq_ignore_ascii_case("Microsoft.ContainerService")
+        && parts[7].eq_ignore_ascii_case("managedClusters")
+        && segment(parts[8], 63);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not an AKS resource id (/subscriptions/<uuid>/resourceGroups/<group>/providers/Microsoft.ContainerService/managedClusters/<name>)"
+        ))
+    }
 }
 
 impl Default for DeployConfig {
@@ -237,6 +283,8 @@ impl Default for DeployConfig {
             dir: None,
             verify_deadline: default_verify_deadline(),
             verify_interval: default_verify_interval(),
+            aks_cluster: None,
+            arm_endpoint: default_arm_endpoint(),
         }
     }
 }
@@ -541,6 +589,16 @@ impl Config {
                 }
             }
         }
+        if let Some(id) = &config.deploy.aks_cluster {
+            check_aks_cluster_id(id).map_err(|e| invalid(format!("deploy.aks_cluster: {e}")))?;
+        }
+        let arm = &config.deploy.arm_endpoint;
+        let loopback = arm.starts_with("http://127.0.0.1:") || arm.starts_with("http://localhost:");
+        if !(arm.starts_with("https://") || loopback) || arm.len() > 200 {
+            return Err(invalid(format!(
+                "deploy.arm_endpoint: {arm:?} must be an https:// URL"
+            )));
+        }
         for (i, entry) in config.scan.allow.iter().enumerate() {
             if entry.id.is_empty()
                 || entry.id.len() > 100
@@ -739,6 +797,29 @@ image = "contoso.azurecr.io/web"
         assert_eq!(c.deploy.verify_interval, std::time::Duration::from_secs(10));
         let text = format!("{GOOD}\n[deploy]\nverify_interval = \"soon\"\n");
         assert!(Config::parse(&text, "t").is_err());
+    }
+
+    #[test]
+    fn aks_cluster_is_a_resource_id() {
+        let id = "/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod";
+        let text = format!("{GOOD}\n[deploy]\ntarget = \"kubernetes\"\naks_cluster = \"{id}\"\n");
+        let c = Config::parse(&text, "t").expect("parses");
+        assert_eq!(c.deploy.aks_cluster.as_deref(), Some(id));
+        assert_eq!(c.deploy.arm_endpoint, "https://management.azure.com");
+        for bad in [
+            id.replace("aks-prod", "../x"),
+            id.replace("managedClusters", "virtualMachines"),
+            id.replace("00000000-1111", "zz"),
+            format!("{id}/extra"),
+            "aks-prod".into(),
+        ] {
+            let text = format!("{GOOD}\n[deploy]\naks_cluster = \"{bad}\"\n");
+            let err = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(err.contains("deploy.aks_cluster"), "{bad}: {err}");
+        }
+        let text = format!("{GOOD}\n[deploy]\narm_endpoint = \"http://evil.example\"\n");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("deploy.arm_endpoint"), "{err}");
     }
 
     #[test]
