@@ -184,6 +184,7 @@ fn dev_routes(bus: Arc<EmbeddedBus>) -> Router {
 
 /// `POST /dev/queues/{queue}`: the body becomes one message, with optional
 /// `MessageId` / `SessionId` headers (how samples inject Service Bus events).
+/// JSON is required unless the body is sent as `application/octet-stream`.
 async fn enqueue(
     State(bus): State<Arc<EmbeddedBus>>,
     Path(queue): Path<String>,
@@ -203,7 +204,19 @@ async fn enqueue(
             "the message body is empty",
         ));
     }
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+    // JSON bodies are checked here, to catch a mistyped sample early. A body
+    // sent as `application/octet-stream` goes on the queue as it is, as
+    // Service Bus would take it: how the hostile-input tests reach the
+    // functions with malformed, truncated or over-deep events.
+    let raw = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/octet-stream")
+        });
+    if !raw && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         return Err(ApiError::bad_request(
             "bad_payload",
             "the message body must be JSON",
@@ -259,17 +272,16 @@ fn guard_local(headers: &HeaderMap) -> Result<(), ApiError> {
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("application/json")
+    // Both need a CORS preflight from a browser page, which this host never
+    // answers; a form's text/plain or urlencoded body is refused.
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/json")
+        && !media.eq_ignore_ascii_case("application/octet-stream")
     {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "send the message with Content-Type: application/json",
+            "send the message with Content-Type: application/json (or application/octet-stream for raw bytes)",
         ));
     }
     Ok(())

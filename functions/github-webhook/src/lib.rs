@@ -234,11 +234,20 @@ async fn handle(
             content_type.chars().take(100).collect(),
         ));
     }
+    // GitHub's event names are lowercase words (`push`, `workflow_run`) and
+    // its delivery ids GUIDs: anything else is refused, not just escaped,
+    // since both end up in records, logs and (hashed) blob names.
     let event_name = header(headers, "x-github-event")
-        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        })
         .ok_or(WebhookError::ParseHeader("X-GitHub-Event"))?;
     let delivery = header(headers, "x-github-delivery")
-        .filter(|v| !v.is_empty() && v.len() <= 100)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 100
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
         .ok_or(WebhookError::ParseHeader("X-GitHub-Delivery"))?;
     let event = GithubEvent::decode(event_name, &bytes)
         .map_err(|e| WebhookError::ParsePayload(e.to_string()))?;

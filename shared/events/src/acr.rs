@@ -191,15 +191,80 @@ fn decode_one(item: Value) -> Result<RegistryEvent, EventError> {
         .filter(|h| !h.is_empty())
         .or_else(|| registry_from_resource_id(resource.as_deref()?))
         .ok_or_else(|| err("no registry host in data.request.host or the topic/source".into()))?;
+    let registry = registry.to_ascii_lowercase();
+    if !valid_registry_host(&registry) {
+        return Err(err(format!(
+            "registry host {registry:?} is not a host name"
+        )));
+    }
+    if !valid_repository(&data.target.repository) {
+        return Err(err(format!(
+            "data.target.repository {:?} is not an OCI repository name",
+            data.target.repository
+        )));
+    }
+    let tag = data.target.tag.filter(|t| !t.is_empty());
+    if let Some(t) = &tag
+        && !valid_tag(t)
+    {
+        return Err(err(format!("data.target.tag {t:?} is not an OCI tag")));
+    }
     Ok(RegistryEvent {
         id,
         action,
-        registry: registry.to_ascii_lowercase(),
+        registry,
         repository: data.target.repository,
-        tag: data.target.tag.filter(|t| !t.is_empty()),
+        tag,
         digest: data.target.digest,
         time,
     })
+}
+
+/// A registry host name, optionally with a port (`contoso.azurecr.io`,
+/// `localhost:5000`).
+fn valid_registry_host(host: &str) -> bool {
+    let (name, port) = host.split_once(':').unwrap_or((host, "1"));
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        && !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// An OCI distribution repository name: slash-separated components of
+/// `[a-z0-9]+` joined by `.`, `_`, `__` or dashes; at most 255 characters.
+/// (So no `..`, no empty component, nothing a path could be made of.)
+fn valid_repository(repo: &str) -> bool {
+    let component = |c: &str| {
+        let b = c.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(x))
+            && !c.contains("..")
+            && !c.contains("___")
+            && !c.contains("._")
+            && !c.contains("_.")
+            && !c.contains(".-")
+            && !c.contains("-.")
+    };
+    !repo.is_empty() && repo.len() <= 255 && repo.split('/').all(component)
+}
+
+/// An OCI tag: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|x| x.is_ascii_alphanumeric() || b"._-".contains(x))
 }
 
 /// `/subscriptions/.../providers/Microsoft.ContainerRegistry/registries/{name}` →
@@ -303,6 +368,42 @@ mod tests {
                 .to_string()
                 .contains("digest")
         );
+    }
+
+    #[test]
+    fn names_are_checked_as_oci_names() {
+        for good in ["web", "team/web", "a.b_c__d-e---f/g0", "x"] {
+            assert!(valid_repository(good), "{good}");
+        }
+        for bad in [
+            "", "../web", "web/..", "Web", "web/", "/web", "we b", "web\u{0}", "a..b", "-web",
+        ] {
+            assert!(!valid_repository(bad), "{bad:?}");
+        }
+        for good in [
+            "v1",
+            "3f786850e387550fdab836ed7e6dc881de23001b",
+            "_x",
+            "1.2.3-rc.1",
+        ] {
+            assert!(valid_tag(good), "{good}");
+        }
+        for bad in ["", ".x", "-x", "v1\n", "a/b", &"x".repeat(129)] {
+            assert!(!valid_tag(bad), "{bad:?}");
+        }
+        for good in ["contoso.azurecr.io", "localhost:5000"] {
+            assert!(valid_registry_host(good), "{good}");
+        }
+        for bad in [
+            "",
+            "contoso.azurecr.io/../x",
+            "a..b",
+            "host:",
+            "host:99999x",
+            "ho st",
+        ] {
+            assert!(!valid_registry_host(bad), "{bad:?}");
+        }
     }
 
     #[test]
