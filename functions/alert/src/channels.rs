@@ -442,7 +442,14 @@ async fn post_bytes(
         Err(e) => {
             let transient = e.is_timeout() || e.is_connect() || e.is_request() || e.is_body();
             let e = e.without_url();
-            let reason = scrub(&format!("{what}: {e}"), url, secrets);
+            // The causes say why (refused, timed out); scrubbed like the rest.
+            let mut text = format!("{what}: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            let reason = scrub(&text, url, secrets);
             return Err(if transient && !e.is_builder() {
                 Failure::Transient(reason)
             } else {
