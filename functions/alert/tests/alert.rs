@@ -638,6 +638,11 @@ async fn the_same_fingerprint_three_times_sends_once_and_counts_three() -> Resul
         .deliver(&blocked(&runs[1])?, &id_of(&runs[1].id, "scan-blocked"))
         .await?;
     assert!(line.contains("already counted"), "{line}");
+    // A redelivery of the notified message finds every channel done.
+    let line = h
+        .deliver(&blocked(&runs[0])?, &id_of(&runs[0].id, "scan-blocked"))
+        .await?;
+    assert!(line.contains("all done"), "{line}");
     assert_eq!(h.fake.to("/hook").len(), 1, "one notification");
     let record = h.record(&blocked(&runs[0])?).await?;
     assert_eq!(record.count, 3);
