@@ -311,6 +311,25 @@ async fn github(
         .map(str::to_string)
         .or_else(|| alert.app.as_ref().map(|a| a.to_string()))
         .unwrap_or_else(|| "production".into());
+    // A retry after the deployment was created but its status was not must
+    // not create a second one: look for this run's deployment of the commit.
+    let listed = request(
+        deps,
+        channel,
+        &format!("{api}/repos/{repo}/deployments?sha={sha}&environment={environment}&task=deploy"),
+        None,
+        &auth,
+        &secrets,
+    )
+    .await?;
+    let existing = serde_json::from_slice::<Vec<Value>>(&listed)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| {
+            alert.run_id.is_some()
+                && d["payload"]["run_id"].as_str() == alert.run_id.as_ref().map(|r| r.as_str())
+        })
+        .and_then(|d| d["id"].as_u64());
     let deployment = json!({
         "ref": sha,
         "environment": environment,
@@ -319,21 +338,26 @@ async fn github(
         "description": truncate(&alert.reason, GITHUB_DESCRIPTION_MAX),
         "payload": {"run_id": alert.run_id, "digest": alert.digest},
     });
-    let created = post(
-        deps,
-        channel,
-        &format!("{api}/repos/{repo}/deployments"),
-        &deployment,
-        &auth,
-        &secrets,
-    )
-    .await?;
-    let id = serde_json::from_slice::<Value>(&created)
-        .ok()
-        .and_then(|v| v["id"].as_u64())
-        .ok_or_else(|| {
-            Failure::Permanent("GitHub created no deployment (no id in the answer)".into())
-        })?;
+    let id = match existing {
+        Some(id) => id,
+        None => {
+            let created = post(
+                deps,
+                channel,
+                &format!("{api}/repos/{repo}/deployments"),
+                &deployment,
+                &auth,
+                &secrets,
+            )
+            .await?;
+            serde_json::from_slice::<Value>(&created)
+                .ok()
+                .and_then(|v| v["id"].as_u64())
+                .ok_or_else(|| {
+                    Failure::Permanent("GitHub created no deployment (no id in the answer)".into())
+                })?
+        }
+    };
     let deployment_state = match state {
         "success" => "success",
         "failure" => "failure",
@@ -415,8 +439,7 @@ async fn post(
     post_bytes(deps, channel, url, bytes, headers, secrets).await
 }
 
-/// POSTs `body` as JSON with a timeout; classifies the answer. `secrets`
-/// (and the URL) are scrubbed from anything kept of the answer.
+/// POSTs `body`; see [`request`].
 async fn post_bytes(
     deps: &Deps,
     channel: &AlertChannel,
@@ -425,15 +448,31 @@ async fn post_bytes(
     headers: &[(&str, String)],
     secrets: &[&[u8]],
 ) -> Result<Vec<u8>, Failure> {
+    request(deps, channel, url, Some(body), headers, secrets).await
+}
+
+/// POSTs `body` as JSON (or GETs, without a body) with a timeout;
+/// classifies the answer. `secrets` (and the URL) are scrubbed from anything
+/// kept of the answer.
+async fn request(
+    deps: &Deps,
+    channel: &AlertChannel,
+    url: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, String)],
+    secrets: &[&[u8]],
+) -> Result<Vec<u8>, Failure> {
     let what = format!("{} channel {}", channel.kind.as_str(), channel.name);
-    let mut request = deps
-        .services
-        .http
-        .post(url)
-        .timeout(deps.config.alerts.timeout)
-        .header("content-type", "application/json")
-        .header("user-agent", "gantry")
-        .body(body);
+    let http = &deps.services.http;
+    let mut request = match body {
+        Some(body) => http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body),
+        None => http.get(url),
+    }
+    .timeout(deps.config.alerts.timeout)
+    .header("user-agent", "gantry");
     for (name, value) in headers {
         request = request.header(*name, value);
     }

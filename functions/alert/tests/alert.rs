@@ -46,6 +46,8 @@ const SECRETS: &[&str] = &[
 /// One request the fake received.
 #[derive(Debug, Clone)]
 struct Recorded {
+    method: String,
+    query: String,
     path: String,
     headers: HashMap<String, String>,
     body: Vec<u8>,
@@ -65,6 +67,8 @@ impl Recorded {
 struct Fake {
     requests: Mutex<Vec<Recorded>>,
     script: Mutex<HashMap<String, VecDeque<u16>>>,
+    /// GitHub deployments created so far, as GitHub lists them.
+    deployments: Mutex<Vec<Value>>,
 }
 
 impl Fake {
@@ -83,6 +87,8 @@ impl Fake {
 
     async fn answer(&self, req: Request<Body>) -> (StatusCode, String) {
         let path = req.uri().path().to_string();
+        let method = req.method().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
         let headers: HashMap<String, String> = req
             .headers()
             .iter()
@@ -98,9 +104,11 @@ impl Fake {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Recorded {
+                method: method.clone(),
+                query,
                 path: path.clone(),
                 headers: headers.clone(),
-                body,
+                body: body.clone(),
             });
         let scripted = {
             let mut script = self.script.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,8 +135,20 @@ impl Fake {
                 StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 "ok".into(),
             ),
+            None if path.ends_with("/deployments") && method == "GET" => {
+                let list = self
+                    .deployments
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                (StatusCode::OK, Value::Array(list).to_string())
+            }
             None if path.ends_with("/deployments") => {
-                (StatusCode::CREATED, json!({"id": 42}).to_string())
+                let mut list = self.deployments.lock().unwrap_or_else(|p| p.into_inner());
+                let mut created: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                created["id"] = json!(42 + list.len());
+                list.push(created.clone());
+                (StatusCode::CREATED, created.to_string())
             }
             None if path.contains("/statuses") => (StatusCode::CREATED, "{}".into()),
             None => (StatusCode::OK, "1".into()),
@@ -553,15 +573,25 @@ async fn a_deploy_outcome_is_a_commit_status_and_a_github_deployment() -> Result
     alert.digest = Some(Digest::parse(DIGEST)?);
     h.deliver(&alert, &id_of(&run.id, "deployed")).await?;
     let gh = h.fake.requests();
-    let paths: Vec<&str> = gh.iter().map(|r| r.path.as_str()).collect();
+    let calls: Vec<String> = gh
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
     assert_eq!(
-        paths,
+        calls,
         [
-            format!("/gh/repos/contoso/web/statuses/{SHA}").as_str(),
-            "/gh/repos/contoso/web/deployments",
-            "/gh/repos/contoso/web/deployments/42/statuses",
+            format!("POST /gh/repos/contoso/web/statuses/{SHA}"),
+            "GET /gh/repos/contoso/web/deployments".into(),
+            "POST /gh/repos/contoso/web/deployments".into(),
+            "POST /gh/repos/contoso/web/deployments/42/statuses".into(),
         ]
     );
+    assert_eq!(
+        gh[1].query,
+        format!("sha={SHA}&environment=web-prod&task=deploy"),
+        "looks for this run's deployment first"
+    );
+    let gh: Vec<Recorded> = gh.into_iter().filter(|r| r.method == "POST").collect();
     let description =
         "web deployed web@sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
     assert_eq!(
@@ -587,6 +617,41 @@ async fn a_deploy_outcome_is_a_commit_status_and_a_github_deployment() -> Result
         assert_eq!(r.headers["authorization"], format!("Bearer {GH_TOKEN}"));
         assert_eq!(r.headers["x-github-api-version"], "2022-11-28");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_deploy_outcome_reuses_its_github_deployment() -> Result<()> {
+    let h = Harness::new("", "[[alerts.routes]]\nchannels = [\"gh\"]\n").await?;
+    h.fake
+        .script("/gh/repos/contoso/web/deployments/42/statuses", &[502, 201]);
+    let run = h.run("web", RunStatus::RolledBack).await?;
+    let mut alert = Alert::new("rolled-back", Severity::High, "web: rollout failed");
+    alert.app = Some(run.app.clone());
+    alert.run_id = Some(run.id.clone());
+    alert.step = Some("verify".into());
+    alert.digest = Some(Digest::parse(DIGEST)?);
+    let line = h.deliver(&alert, &id_of(&run.id, "rolled-back")).await?;
+    assert!(line.contains("gh=retrying"), "{line}");
+    let retry = h.bus.peek("alerts").await;
+    assert_eq!(retry.len(), 1);
+    let (_, line) = h
+        .deliver_raw(retry[0].body.as_bytes(), &retry[0].message_id)
+        .await?;
+    assert!(line.contains("attempt 2: gh=sent"), "{line}");
+    let created: Vec<Recorded> = h
+        .fake
+        .to("/gh/repos/contoso/web/deployments")
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/deployments"))
+        .collect();
+    assert_eq!(created.len(), 1, "one deployment for the run");
+    let statuses = h.fake.to("/gh/repos/contoso/web/deployments/42/statuses");
+    assert_eq!(statuses.len(), 2);
+    assert_eq!(
+        statuses[1].json(),
+        json!({"state": "failure", "environment": "web-prod", "description": "web: rollout failed"})
+    );
     Ok(())
 }
 
