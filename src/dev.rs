@@ -94,7 +94,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let config_deploy_dir = config.deploy.dir.clone();
     // A developer login is needed only when an app scans with Defender.
     let config_uses_azure = uses_defender(&config);
-    let secrets = crate::wiring::secrets(true)?;
+    let mut secrets = crate::wiring::secrets(true)?;
+    secrets.named = crate::wiring::named_secrets(&config);
     if secrets.api_tokens.is_empty() {
         tracing::warn!(
             "GANTRY_API_TOKENS is not set: every /api/runs and /api/apps call answers 401; set e.g. GANTRY_API_TOKENS=me:operate:$(printf %s \"$TOKEN\" | sha256sum | cut -d' ' -f1)"

@@ -43,7 +43,8 @@ pub async fn run() -> Result<()> {
         .context("building the HTTP client")?;
     let bus =
         gantry_bus::servicebus::ServiceBusRest::connect(&servicebus, credential, http.clone())?;
-    let secrets = crate::wiring::secrets(false)?;
+    let mut secrets = crate::wiring::secrets(false)?;
+    secrets.named = crate::wiring::named_secrets(&config);
     if secrets.github_webhook.is_none() {
         tracing::error!(
             "GANTRY_GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused"

@@ -100,7 +100,27 @@ pub fn secrets(dev_default: bool) -> Result<Secrets> {
     Ok(Secrets {
         github_webhook: webhook_secret(dev_default),
         api_tokens: gantry_runtime::auth::parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
+        named: Default::default(),
     })
+}
+
+/// The values of the environment variables `[[alerts.channels]]` name, for
+/// [`Secrets::named`]. A variable that is unset or empty is left out (the
+/// channel then fails with a record naming the variable) and logged by name.
+pub fn named_secrets(config: &Config) -> std::collections::BTreeMap<String, Secret> {
+    let mut out = std::collections::BTreeMap::new();
+    for name in config.alerts.env_names() {
+        match std::env::var(name) {
+            Ok(value) if !value.is_empty() => {
+                out.insert(name.to_string(), Secret::new(value.into_bytes()));
+            }
+            _ => tracing::warn!(
+                variable = name,
+                "an alert channel names this environment variable but it is not set"
+            ),
+        }
+    }
+    out
 }
 
 /// Outbound services for `gantry dev`: a developer credential only when an

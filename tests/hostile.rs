@@ -449,15 +449,20 @@ async fn hostile_registry_events_are_rejected_with_their_reason_and_nothing_else
         let after = snapshot(&state)?;
         let changed = changed(&before, &after);
         // The documented outcome of a permanent rejection: its record under
-        // rejected/registry-push/ (with the reason) and an audit line; no
-        // run, index, claim or anything else.
+        // rejected/registry-push/ (with the reason), an audit line and the
+        // alert's de-duplication record (alerts/); no run, index, claim or
+        // anything else.
         let rejected: Vec<_> = changed
             .iter()
             .filter(|k| k.starts_with("rejected/registry-push/"))
             .collect();
         let other: Vec<_> = changed
             .iter()
-            .filter(|k| !k.starts_with("rejected/registry-push/") && !k.starts_with("audit/"))
+            .filter(|k| {
+                !k.starts_with("rejected/registry-push/")
+                    && !k.starts_with("audit/")
+                    && !k.starts_with("alerts/")
+            })
             .collect();
         assert!(other.is_empty(), "{name}: wrote {other:?}");
         assert_eq!(rejected.len(), 1, "{name}: {changed:?}");
@@ -507,7 +512,7 @@ async fn hostile_operator_requests_are_refused_and_write_nothing() -> Result<()>
         use sha2::Digest as _;
         hex::encode(sha2::Sha256::digest(OPERATE.as_bytes()))
     });
-    let host = DevHost::start_env(&state, &[], &[("GANTRY_API_TOKENS", &tokens)]).await?;
+    let host = DevHost::start_with_env(&state, &[], &[("GANTRY_API_TOKENS", &tokens)]).await?;
     let cases: Vec<(&str, &str, String, Option<String>, u16)> = vec![
         (
             "run id traversal",

@@ -29,11 +29,16 @@ pub struct DevHost {
 
 impl DevHost {
     pub async fn start(state: &Path, extra: &[&str]) -> Result<DevHost> {
-        DevHost::start_env(state, extra, &[]).await
+        DevHost::start_with_env(state, extra, &[]).await
     }
 
-    /// Like [`DevHost::start`], with extra environment variables.
-    pub async fn start_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<DevHost> {
+    /// Like [`DevHost::start`], with extra environment variables for the
+    /// child only (alert channel URLs and secrets).
+    pub async fn start_with_env(
+        state: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<DevHost> {
         let port = gantry_testkit::free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
             .arg("dev")
@@ -128,6 +133,36 @@ impl DevHost {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The alert de-duplication records (`alerts/*.json`) of the embedded
+    /// store, once there are at least `n` of them and the `alerts` queue is
+    /// drained; `None` when the state is in Blob Storage (`--storage`).
+    pub async fn alert_records(&self, n: usize) -> Result<Option<Vec<Value>>> {
+        let dir = self.state.join("store").join("alerts");
+        if !self.state.join("store").exists() {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let count = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            if count >= n {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("fewer than {n} alert records in {}", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.drain("alerts").await?;
+        let mut records = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                records.push(serde_json::from_slice(&std::fs::read(&path)?)?);
+            }
+        }
+        Ok(Some(records))
     }
 
     /// Waits until the only run has one of `statuses`, and returns it.

@@ -26,6 +26,9 @@ pub struct Config {
     /// Where deploys go (`[deploy]`).
     #[serde(default)]
     pub deploy: DeployConfig,
+    /// Notification channels and routes (`[alerts]`).
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// Directory of the configuration file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -299,6 +302,280 @@ fn default_verify_interval() -> std::time::Duration {
 
 fn default_target() -> DeployTarget {
     DeployTarget::Directory
+}
+
+/// `[alerts]`: where the `alert` function sends notifications. Destinations
+/// come from here only, never from an event. URLs, tokens and signing secrets
+/// are given as the *name* of an environment variable (a Key Vault reference
+/// in Azure): a webhook URL is a credential and does not belong in a file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Alerts with the same fingerprint within this window after the first
+    /// one are counted, not sent again (default `1h`).
+    #[serde(default = "default_dedup_window", deserialize_with = "de_duration")]
+    pub dedup_window: std::time::Duration,
+    /// Deliveries per channel before it is given up and recorded as failed
+    /// (default 5; 1 means no retry).
+    #[serde(default = "default_alert_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry of a failed channel; doubles per attempt,
+    /// at most 1h (default `30s`).
+    #[serde(default = "default_retry_backoff", deserialize_with = "de_duration")]
+    pub retry_backoff: std::time::Duration,
+    /// Timeout of every request to a channel (default `10s`).
+    #[serde(default = "default_alert_timeout", deserialize_with = "de_duration")]
+    pub timeout: std::time::Duration,
+    /// Channels (`[[alerts.channels]]`).
+    #[serde(default)]
+    pub channels: Vec<AlertChannel>,
+    /// Routes (`[[alerts.routes]]`): an alert goes to the union of the
+    /// channels of every route it matches.
+    #[serde(default)]
+    pub routes: Vec<AlertRoute>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            dedup_window: default_dedup_window(),
+            max_attempts: default_alert_attempts(),
+            retry_backoff: default_retry_backoff(),
+            timeout: default_alert_timeout(),
+            channels: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// Looks a channel up by name.
+    pub fn channel(&self, name: &str) -> Option<&AlertChannel> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// Names of the channels an alert of `app` (if any) and `severity` goes
+    /// to, in the order the channels are configured, each once. A route with
+    /// an empty `apps` matches every alert, also those about no app.
+    pub fn route(&self, app: Option<&AppName>, severity: crate::Severity) -> Vec<&AlertChannel> {
+        self.channels
+            .iter()
+            .filter(|c| {
+                self.routes.iter().any(|r| {
+                    severity >= r.min_severity
+                        && (r.apps.is_empty() || app.is_some_and(|a| r.apps.contains(a)))
+                        && r.channels.contains(&c.name)
+                })
+            })
+            .collect()
+    }
+
+    /// Names of every environment variable the channels read.
+    pub fn env_names(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().flat_map(|c| {
+            [&c.url_env, &c.secret_env, &c.token_env]
+                .into_iter()
+                .filter_map(|v| v.as_deref())
+        })
+    }
+}
+
+fn default_dedup_window() -> std::time::Duration {
+    std::time::Duration::from_secs(3600)
+}
+fn default_alert_attempts() -> u32 {
+    5
+}
+fn default_retry_backoff() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+fn default_alert_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+
+/// What a channel talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    /// Microsoft Teams Workflows webhook (a message with an Adaptive Card).
+    Teams,
+    /// Slack incoming webhook (Block Kit).
+    Slack,
+    /// Generic webhook: JSON signed with `X-Gantry-Signature-256`.
+    Webhook,
+    /// GitHub commit statuses and deployments of the run's commit.
+    Github,
+}
+
+impl ChannelKind {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Teams => "teams",
+            ChannelKind::Slack => "slack",
+            ChannelKind::Webhook => "webhook",
+            ChannelKind::Github => "github",
+        }
+    }
+}
+
+/// `[[alerts.channels]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertChannel {
+    /// Name routes refer to (`[a-z0-9-]`); recorded on runs.
+    pub name: String,
+    /// Kind.
+    pub kind: ChannelKind,
+    /// Environment variable holding the webhook URL (teams, slack, webhook).
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// Environment variable holding the HMAC signing secret (webhook).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Environment variable holding the GitHub token (github).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// GitHub API base URL (github; default `https://api.github.com`, GitHub
+    /// Enterprise Server or a test fake otherwise).
+    #[serde(default)]
+    pub api_url: Option<String>,
+}
+
+impl AlertChannel {
+    /// The GitHub API base URL without a trailing slash.
+    pub fn github_api(&self) -> &str {
+        self.api_url
+            .as_deref()
+            .unwrap_or("https://api.github.com")
+            .trim_end_matches('/')
+    }
+}
+
+/// `[[alerts.routes]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRoute {
+    /// Apps it applies to; empty means every alert.
+    #[serde(default)]
+    pub apps: Vec<AppName>,
+    /// Lowest severity it carries (`info`, `warning`, `high`, `critical`; default `info`).
+    #[serde(default = "default_min_severity")]
+    pub min_severity: crate::Severity,
+    /// Channel names.
+    pub channels: Vec<String>,
+}
+
+fn default_min_severity() -> crate::Severity {
+    crate::Severity::Info
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether `url` is an absolute `https://` URL, or `http://` to a loopback
+/// host (local fakes, `gantry dev`).
+fn valid_api_url(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    let loopback = matches!(
+        parsed.host(),
+        Some(url::Host::Domain("localhost")) | Some(url::Host::Ipv4(std::net::Ipv4Addr::LOCALHOST))
+    );
+    parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.query().is_none()
+        && (parsed.scheme() == "https" || (parsed.scheme() == "http" && loopback))
+}
+
+impl AlertsConfig {
+    fn validate(&self, config: &Config) -> Result<(), String> {
+        if self.max_attempts == 0 || self.max_attempts > 20 {
+            return Err("alerts.max_attempts: must be 1-20".into());
+        }
+        if self.timeout.is_zero() || self.timeout > std::time::Duration::from_secs(120) {
+            return Err("alerts.timeout: must be 1s-120s".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in self.channels.iter().enumerate() {
+            let at = |key: &str| format!("alerts.channels[{i}].{key} (channel {:?})", c.name);
+            if AppName::parse(&c.name).is_err() {
+                return Err(format!("{}: expected [a-z0-9-]", at("name")));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(format!("{}: duplicate channel name", at("name")));
+            }
+            let (needs, forbids): (&[&str], &[&str]) = match c.kind {
+                ChannelKind::Teams | ChannelKind::Slack => {
+                    (&["url_env"], &["secret_env", "token_env", "api_url"])
+                }
+                ChannelKind::Webhook => (&["url_env", "secret_env"], &["token_env", "api_url"]),
+                ChannelKind::Github => (&["token_env"], &["url_env", "secret_env"]),
+            };
+            let value = |key: &str| match key {
+                "url_env" => c.url_env.as_deref(),
+                "secret_env" => c.secret_env.as_deref(),
+                "token_env" => c.token_env.as_deref(),
+                _ => c.api_url.as_deref(),
+            };
+            for key in needs {
+                match value(key) {
+                    None => {
+                        return Err(format!(
+                            "{}: a {} channel needs it (the NAME of an environment variable)",
+                            at(key),
+                            c.kind.as_str()
+                        ));
+                    }
+                    Some(v) if !valid_env_name(v) => {
+                        return Err(format!(
+                            "{}: {v:?} is not an environment variable name (give the variable's name, never the URL or secret itself)",
+                            at(key)
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for key in forbids {
+                if value(key).is_some() {
+                    return Err(format!(
+                        "{}: not used by a {} channel",
+                        at(key),
+                        c.kind.as_str()
+                    ));
+                }
+            }
+            if let Some(api) = &c.api_url
+                && !valid_api_url(api)
+            {
+                return Err(format!(
+                    "{}: expected an https:// URL (http:// only to localhost), without credentials or query",
+                    at("api_url")
+                ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.channels.is_empty() {
+                return Err(format!(
+                    "alerts.routes[{i}].channels: name at least one channel"
+                ));
+            }
+            if let Some(unknown) = r.channels.iter().find(|c| !names.contains(c.as_str())) {
+                return Err(format!(
+                    "alerts.routes[{i}].channels: unknown channel {unknown:?}"
+                ));
+            }
+            if let Some(unknown) = r.apps.iter().find(|a| config.app(a.as_str()).is_none()) {
+                return Err(format!("alerts.routes[{i}].apps: unknown app {unknown:?}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[policy]`.
@@ -634,6 +911,7 @@ impl Config {
                     .into(),
             ));
         }
+        config.alerts.validate(&config).map_err(invalid)?;
         Ok(config)
     }
 
@@ -922,5 +1200,149 @@ image = "contoso.azurecr.io/web"
             parse_duration("2d"),
             Ok(std::time::Duration::from_secs(172_800))
         );
+    }
+
+    const ALERTS: &str = r#"
+[[apps]]
+name = "api"
+repo = "contoso/api"
+image = "contoso.azurecr.io/api"
+
+[alerts]
+dedup_window = "30m"
+max_attempts = 3
+
+[[alerts.channels]]
+name = "ops"
+kind = "teams"
+url_env = "GANTRY_ALERT_TEAMS_URL"
+
+[[alerts.channels]]
+name = "hook"
+kind = "webhook"
+url_env = "HOOK_URL"
+secret_env = "HOOK_SECRET"
+
+[[alerts.channels]]
+name = "gh"
+kind = "github"
+token_env = "GH_TOKEN"
+api_url = "http://127.0.0.1:8080/api/v3/"
+
+[[alerts.routes]]
+apps = ["web"]
+min_severity = "high"
+channels = ["ops", "gh"]
+
+[[alerts.routes]]
+channels = ["hook"]
+min_severity = "warning"
+"#;
+
+    #[test]
+    fn alerts_parse_and_route_by_app_and_severity() {
+        use crate::Severity;
+        let c = Config::parse(&format!("{GOOD}{ALERTS}"), "g").expect("parses");
+        let a = &c.alerts;
+        assert_eq!(a.dedup_window, std::time::Duration::from_secs(1800));
+        assert_eq!(a.max_attempts, 3);
+        assert_eq!(a.timeout, std::time::Duration::from_secs(10));
+        assert_eq!(
+            a.channel("gh").map(|g| g.github_api()),
+            Some("http://127.0.0.1:8080/api/v3")
+        );
+        let names = |app: Option<&str>, sev| -> Vec<String> {
+            let app = app.map(|n| AppName::parse(n).expect("valid"));
+            a.route(app.as_ref(), sev)
+                .into_iter()
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        assert_eq!(
+            names(Some("web"), Severity::Critical),
+            ["ops", "hook", "gh"]
+        );
+        assert_eq!(names(Some("web"), Severity::Warning), ["hook"]);
+        assert_eq!(names(Some("api"), Severity::Critical), ["hook"]);
+        assert_eq!(names(None, Severity::High), ["hook"]);
+        assert!(names(Some("web"), Severity::Info).is_empty());
+        let env: Vec<&str> = a.env_names().collect();
+        assert_eq!(
+            env,
+            [
+                "GANTRY_ALERT_TEAMS_URL",
+                "HOOK_URL",
+                "HOOK_SECRET",
+                "GH_TOKEN"
+            ]
+        );
+        let none = Config::parse(GOOD, "g").expect("parses");
+        assert!(none.alerts.route(None, Severity::Critical).is_empty());
+        assert_eq!(
+            none.alerts.channel("x").map(|c| c.github_api()),
+            None::<&str>
+        );
+    }
+
+    #[test]
+    fn alert_settings_are_validated_by_name() {
+        let base = format!("{GOOD}{ALERTS}");
+        for (bad, key) in [
+            (
+                base.replace("max_attempts = 3", "max_attempt = 3"),
+                "max_attempt",
+            ),
+            (
+                base.replace("max_attempts = 3", "max_attempts = 0"),
+                "alerts.max_attempts",
+            ),
+            (
+                base.replace("dedup_window = \"30m\"", "dedup_window = \"soon\""),
+                "dedup_window",
+            ),
+            (
+                base.replace("url_env = \"HOOK_URL\"", "url = \"HOOK_URL\""),
+                "url",
+            ),
+            (
+                base.replace("\"GANTRY_ALERT_TEAMS_URL\"", "\"https://x.example/hook\""),
+                "alerts.channels[0].url_env",
+            ),
+            (
+                base.replace("secret_env = \"HOOK_SECRET\"\n", ""),
+                "alerts.channels[1].secret_env",
+            ),
+            (
+                base.replace("token_env = \"GH_TOKEN\"", "url_env = \"GH_TOKEN\""),
+                "alerts.channels[2]",
+            ),
+            (
+                base.replace("http://127.0.0.1:8080", "http://github.internal"),
+                "alerts.channels[2].api_url",
+            ),
+            (
+                base.replace("kind = \"teams\"", "kind = \"email\""),
+                "email",
+            ),
+            (
+                base.replace("name = \"hook\"", "name = \"ops\""),
+                "duplicate channel",
+            ),
+            (
+                base.replace("[\"ops\", \"gh\"]", "[\"ops\", \"pager\"]"),
+                "unknown channel \"pager\"",
+            ),
+            (
+                base.replace("apps = [\"web\"]", "apps = [\"shop\"]"),
+                "alerts.routes[0].apps",
+            ),
+            (
+                base.replace("min_severity = \"high\"", "min_severity = \"urgent\""),
+                "urgent",
+            ),
+        ] {
+            let err = Config::parse(&bad, "g").unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key:?} in {err}");
+        }
     }
 }

@@ -275,6 +275,11 @@ pub struct Run {
     /// deploys again, and who asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<RollbackOf>,
+    /// Notifications about this run, one per alert fingerprint and channel
+    /// (the `alert` function): sent, retrying, failed, skipped or
+    /// deduplicated. Never holds a URL, token or secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<Notification>,
 }
 
 /// What a rollback run re-deploys and why.
@@ -288,6 +293,48 @@ pub struct RollbackOf {
     /// `defender:<alert>` for an automatic rollback.
     pub requested_by: String,
     /// Why, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What became of one notification on one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotificationOutcome {
+    /// The channel accepted it.
+    Sent,
+    /// Failed transiently; a scheduled retry is queued.
+    Retrying,
+    /// Given up (permanent refusal or attempts exhausted); see `reason`.
+    Failed,
+    /// Not applicable to this channel (e.g. GitHub without a commit).
+    Skipped,
+    /// Counted against an earlier notification with the same fingerprint
+    /// inside the de-duplication window; nothing was sent.
+    Deduplicated,
+}
+
+/// One entry of [`Run::notifications`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The alert kind (`scan-blocked`, `deployed`, ...).
+    pub kind: String,
+    /// The configured channel name; absent for [`NotificationOutcome::Deduplicated`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Outcome.
+    pub outcome: NotificationOutcome,
+    /// When the outcome was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Deliveries tried on this channel.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Alerts with this fingerprint in the current window, this one included.
+    pub count: u32,
+    /// The alert fingerprint (`alerts/{fingerprint}.json`).
+    pub fingerprint: String,
+    /// Why it failed or was skipped (never a URL or secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -311,6 +358,7 @@ impl Run {
             created_at: now,
             updated_at: now,
             rollback: None,
+            notifications: Vec::new(),
         }
     }
 }

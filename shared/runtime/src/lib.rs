@@ -62,6 +62,19 @@ pub struct Secrets {
     pub github_webhook: Option<Secret>,
     /// `GANTRY_API_TOKENS`: without any, every operator API call answers 401.
     pub api_tokens: Vec<auth::ApiToken>,
+    /// Values of the environment variables `gantry.toml` names for alert
+    /// channels (`url_env`, `secret_env`, `token_env`), keyed by variable
+    /// name, read once at start. Tests fill it directly instead of touching
+    /// the process environment.
+    pub named: std::collections::BTreeMap<String, Secret>,
+}
+
+impl Secrets {
+    /// The value of the environment variable `name` as read at start, if it
+    /// was set and not empty.
+    pub fn named(&self, name: &str) -> Option<&Secret> {
+        self.named.get(name)
+    }
 }
 
 /// Outbound clients and per-process caches shared by functions.
