@@ -36,6 +36,9 @@ param aksResourceGroup string = ''
 @description('Namespaces gantry deploys to (the `namespace` of every [[apps]] in gantry.toml); each gets AKS RBAC Writer.')
 param managedNamespaces array = []
 
+@description('Let the identity apply Namespace objects (cluster-scoped custom role with namespaces read/write). Off: namespaces are created and labelled by the platform team, and the deploy step cannot apply them.')
+param allowNamespaceApply bool = true
+
 @allowed([
   'registry'
   'subscription'
@@ -390,6 +393,7 @@ module aksRoles 'modules/aks-roles.bicep' = if (!empty(aksClusterName)) {
     namespaces: managedNamespaces
     principalId: identity.outputs.principalId
     roles: roles
+    allowNamespaceApply: allowNamespaceApply
   }
 }
 
