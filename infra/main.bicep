@@ -407,3 +407,5 @@ output GANTRY_STATE_ACCOUNT string = storage.outputs.stateAccountName
 output GANTRY_STATE_CONTAINER string = stateContainerName
 output GANTRY_SERVICEBUS_NAMESPACE string = serviceBus.outputs.fullyQualifiedNamespace
 output GANTRY_KEY_VAULT string = vault.outputs.name
+// For gantry.toml `[deploy] aks_cluster` (configuration, not an app setting).
+output GANTRY_AKS_CLUSTER_ID string = empty(aksClusterName) ? '' : '/subscriptions/${subscription().subscriptionId}/resourceGroups/${empty(aksResourceGroup) ? resourceGroupName : aksResourceGroup}/providers/Microsoft.ContainerService/managedClusters/${aksClusterName}'
