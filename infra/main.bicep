@@ -69,6 +69,9 @@ param alertSettings array = [
   'GANTRY_GITHUB_TOKEN'
 ]
 
+@description('Operator principals when App Service Authentication is on: <object id>:read|operate entries, comma-separated (GANTRY_API_PRINCIPALS; object ids, not secrets). Empty: bearer tokens only.')
+param apiPrincipals string = ''
+
 @minValue(1)
 @maxValue(100)
 @description('Deliveries before Service Bus dead-letters a message; also GANTRY_MAX_DELIVERY_COUNT (the last delivery records a transient failure on the run).')
@@ -269,6 +272,8 @@ var appSettings = {
   GANTRY_SERVICEBUS: serviceBus.outputs.fullyQualifiedNamespace
   GANTRY_MAX_DELIVERY_COUNT: string(maxDeliveryCount)
   GANTRY_LOG: 'info'
+  GANTRY_LOG_FORMAT: 'json'
+  GANTRY_API_PRINCIPALS: apiPrincipals
   GANTRY_GITHUB_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/gantry-github-webhook-secret)'
   GANTRY_API_TOKENS: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/gantry-api-tokens)'
 }
