@@ -13,9 +13,11 @@
 pub mod auth;
 pub mod envelope;
 pub mod http_error;
-pub mod settings;
 pub mod signature;
 pub mod steps;
+
+// Every environment variable gantry reads (checked against the code and infra/ by tests/infra.rs).
+pub mod settings;
 
 use std::future::Future;
 use std::pin::Pin;
