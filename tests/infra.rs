@@ -540,3 +540,43 @@ fn block_reader_skips_strings_and_comments() -> Result<()> {
     assert!(block("var a = [ 'open", "var a = [").is_err());
     Ok(())
 }
+
+#[test]
+fn azd_and_workflows_match_the_code() -> Result<()> {
+    // azd deploys what `gantry package` writes, to the app tagged with the service name.
+    let azure = read("azure.yaml")?;
+    assert!(
+        azure.contains("  gantry:\n"),
+        "azd service must be `gantry`"
+    );
+    assert!(azure.contains("host: function") && azure.contains("language: custom"));
+    assert!(azure.contains("dist: dist"));
+    assert!(azure.contains("-- package --out dist"));
+    assert!(azure.contains("path: infra") && azure.contains("module: main"));
+    let main = read("infra/main.bicep")?;
+    assert!(main.contains("'azd-service-name': 'gantry'"));
+
+    // The application workflow: OIDC, SHA tag, OCI labels, and the Trivy report
+    // where scan-check reads it (scans/{digest}.trivy.json in the state container).
+    let app = read("infra/github/app-build.yml")?;
+    assert!(app.contains("id-token: write") && app.contains("uses: azure/login@"));
+    assert!(
+        !app.contains("secrets."),
+        "the app workflow must not need stored secrets"
+    );
+    assert!(app.contains(":${{ github.sha }}"));
+    assert!(app.contains("org.opencontainers.image.revision=${{ github.sha }}"));
+    assert!(app.contains("org.opencontainers.image.source="));
+    assert!(app.contains("--name \"scans/${DIGEST}.trivy.json\""));
+    assert!(app.contains("--auth-mode login"));
+    let scan_check = read("functions/scan-check/src/lib.rs")?;
+    assert!(scan_check.contains("format!(\"scans/{digest}.trivy.json\")"));
+
+    // gantry's own workflow: the same test command as CI, the package, OIDC deploy of the zip.
+    let own = read("infra/github/gantry.yml")?;
+    assert!(own.contains("run: ./scripts/test"));
+    assert!(own.contains("-- package --out dist"));
+    assert!(own.contains("package: dist.zip"));
+    assert!(own.contains("id-token: write") && !own.contains("secrets."));
+    Ok(())
+}
