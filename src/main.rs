@@ -3,6 +3,7 @@
 
 mod dev;
 mod functions;
+mod package;
 mod policy;
 mod runs;
 mod send;
@@ -58,6 +59,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build the deployment package: `dist/` as the Functions host expects it and `dist.zip` for zip deploy.
+    Package(package::PackageArgs),
     /// Inspect runs in the state store.
     Runs {
         #[command(subcommand)]
@@ -113,6 +116,7 @@ fn real_main() -> Result<()> {
             } => policy::render(&app, &digest, config.as_deref(), hash),
             Command::Policy { command } => policy::run(command),
             Command::Runs { command } => runs::run(command).await,
+            Command::Package(args) => package::run(args),
         }
     })
 }

@@ -88,15 +88,36 @@ pub fn webhook_secret(dev_default: bool) -> Option<Secret> {
     std::env::var("GANTRY_GITHUB_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty())
+        .filter(|s| resolved("GANTRY_GITHUB_WEBHOOK_SECRET", s))
         .or_else(|| dev_default.then(|| DEV_WEBHOOK_SECRET.to_string()))
         .map(|s| Secret::new(s.into_bytes()))
+}
+
+/// Whether a secret setting holds a value rather than a Key Vault reference
+/// the platform could not resolve. App Service then passes the reference text
+/// itself (`@Microsoft.KeyVault(SecretUri=...)`), which is no secret at all:
+/// used as the webhook HMAC key, anyone reading the app settings' shape could
+/// sign a delivery. Treated as unset (fail closed), with an error naming only
+/// the setting.
+fn resolved(name: &str, value: &str) -> bool {
+    let unresolved = value.trim_start().starts_with("@Microsoft.KeyVault(");
+    if unresolved {
+        tracing::error!(
+            setting = name,
+            "Key Vault reference not resolved (missing secret or role): treated as unset"
+        );
+    }
+    !unresolved
 }
 
 /// Reads secrets from the environment (see [`webhook_secret`]). A malformed
 /// `GANTRY_API_TOKENS` is an error naming the entry (never its hash); unset,
 /// no token is configured and every operator API call answers 401.
 pub fn secrets(dev_default: bool) -> Result<Secrets> {
-    let tokens = std::env::var("GANTRY_API_TOKENS").unwrap_or_default();
+    let tokens = std::env::var("GANTRY_API_TOKENS")
+        .ok()
+        .filter(|s| resolved("GANTRY_API_TOKENS", s))
+        .unwrap_or_default();
     Ok(Secrets {
         github_webhook: webhook_secret(dev_default),
         api_tokens: gantry_runtime::auth::parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
@@ -136,4 +157,19 @@ pub fn services(needs_azure: &bool) -> Result<gantry_runtime::Services> {
         None
     };
     Ok(gantry_runtime::Services::new(credential, http))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unresolved_key_vault_references_are_not_secrets() {
+        assert!(!super::resolved(
+            "GANTRY_GITHUB_WEBHOOK_SECRET",
+            "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/gantry-github-webhook-secret)"
+        ));
+        assert!(super::resolved(
+            "GANTRY_GITHUB_WEBHOOK_SECRET",
+            "a-real-secret"
+        ));
+    }
 }

@@ -17,6 +17,9 @@ pub mod rollback;
 pub mod signature;
 pub mod steps;
 
+// Every environment variable gantry reads (checked against the code and infra/ by tests/infra.rs).
+pub mod settings;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,0 +1,50 @@
+// Key Vault in RBAC mode holding gantry's secrets. The Function App reads
+// them only through Key Vault references (@Microsoft.KeyVault(SecretUri=...))
+// resolved by the platform with the user-assigned identity; gantry's code
+// never talks to Key Vault.
+
+@description('Vault name (3-24 characters).')
+param name string
+
+@description('Region.')
+param location string
+
+@description('Tags for every resource.')
+param tags object = {}
+
+@description('Secrets to create now: [{ name, value }]. Others (alert channel URLs) are set by the operator later.')
+@secure()
+param secrets object
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
+  name: name
+  location: location
+  tags: tags
+  properties: {
+    tenantId: subscription().tenantId
+    sku: {
+      family: 'A'
+      name: 'standard'
+    }
+    enableRbacAuthorization: true
+    enableSoftDelete: true
+    softDeleteRetentionInDays: 30
+    enablePurgeProtection: true
+    publicNetworkAccess: 'Enabled'
+  }
+}
+
+resource secret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = [
+  for s in secrets.items: {
+    parent: vault
+    name: s.name
+    properties: {
+      value: s.value
+      contentType: 'text/plain'
+    }
+  }
+]
+
+output id string = vault.id
+output name string = vault.name
+output uri string = vault.properties.vaultUri

@@ -1,0 +1,146 @@
+//! Every environment variable gantry reads, in one list.
+//!
+//! `tests/infra.rs` keeps three things in step with [`ALL`]: the code (a scan
+//! of `src/`, `shared/` and `functions/` for string literals passed to
+//! `env::var`, `env::var_os`, `EnvFilter::from_env` and clap's `env` attribute
+//! must find only names listed here), and `infra/main.bicep` (every
+//! [`Kind::AppSetting`] and [`Kind::Secret`] is a Function App app setting;
+//! every secret is a Key Vault reference). A new setting is added here first.
+//!
+//! Channel credentials named by `gantry.toml` (`url_env`, `secret_env`,
+//! `token_env`) are not listed: their names come from configuration, and the
+//! same test checks them against the Bicep `alertSettings` parameter.
+
+/// Where a setting comes from in Azure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A plain Function App app setting, set by `infra/main.bicep`.
+    AppSetting,
+    /// A secret: an app setting whose value is a Key Vault reference.
+    Secret,
+    /// Set by the platform (Functions host, App Service), never by gantry's infra.
+    Platform,
+    /// Only for the CLI, `gantry dev`, builds or tests; not read by `gantry serve`.
+    Local,
+}
+
+/// One environment variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// The variable's name.
+    pub name: &'static str,
+    /// Where it comes from.
+    pub kind: Kind,
+    /// What it means (shown in docs/deploy.md's table).
+    pub meaning: &'static str,
+}
+
+const fn setting(name: &'static str, kind: Kind, meaning: &'static str) -> Setting {
+    Setting {
+        name,
+        kind,
+        meaning,
+    }
+}
+
+/// Every environment variable gantry's code reads.
+pub const ALL: &[Setting] = &[
+    setting(
+        "GANTRY_CONFIG",
+        Kind::AppSetting,
+        "path of gantry.toml (in the package: gantry.toml)",
+    ),
+    setting(
+        "GANTRY_STORAGE",
+        Kind::AppSetting,
+        "blob service URL of the state account (managed identity) or a connection string",
+    ),
+    setting("GANTRY_CONTAINER", Kind::AppSetting, "the state container"),
+    setting(
+        "GANTRY_SERVICEBUS",
+        Kind::AppSetting,
+        "fully-qualified Service Bus namespace gantry sends to",
+    ),
+    setting(
+        "AZURE_CLIENT_ID",
+        Kind::AppSetting,
+        "client id of the user-assigned identity gantry authenticates as",
+    ),
+    setting(
+        "GANTRY_MAX_DELIVERY_COUNT",
+        Kind::AppSetting,
+        "the queues' MaxDeliveryCount (the last delivery records a transient failure)",
+    ),
+    setting("GANTRY_LOG", Kind::AppSetting, "log filter (default info)"),
+    setting(
+        "GANTRY_GITHUB_WEBHOOK_SECRET",
+        Kind::Secret,
+        "GitHub webhook HMAC secret",
+    ),
+    setting(
+        "GANTRY_API_TOKENS",
+        Kind::Secret,
+        "operator API token hashes (name:scope:sha256hex, comma-separated)",
+    ),
+    setting(
+        "FUNCTIONS_CUSTOMHANDLER_PORT",
+        Kind::Platform,
+        "port the Functions host forwards invocations to",
+    ),
+    setting(
+        "IDENTITY_ENDPOINT",
+        Kind::Platform,
+        "managed identity endpoint (App Service)",
+    ),
+    setting(
+        "MSI_ENDPOINT",
+        Kind::Platform,
+        "managed identity endpoint (older App Service hosts)",
+    ),
+    setting(
+        "GANTRY_STATE",
+        Kind::Local,
+        "gantry dev / runs: embedded store directory",
+    ),
+    setting(
+        "GANTRY_AZURITE_BIN",
+        Kind::Local,
+        "tests: the Azurite executable",
+    ),
+    setting(
+        "CARGO",
+        Kind::Local,
+        "gantry package: the cargo that builds the release binary",
+    ),
+    setting(
+        "CARGO_TARGET_DIR",
+        Kind::Local,
+        "gantry package: where cargo puts the release binary",
+    ),
+];
+
+/// The setting called `name`, if gantry reads it.
+pub fn find(name: &str) -> Option<&'static Setting> {
+    ALL.iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in ALL.iter().enumerate() {
+            assert!(
+                ALL[i + 1..].iter().all(|b| b.name != a.name),
+                "{} twice",
+                a.name
+            );
+        }
+        assert_eq!(
+            find("GANTRY_CONFIG").map(|s| s.kind),
+            Some(Kind::AppSetting)
+        );
+        assert!(find("NOPE").is_none());
+    }
+}
