@@ -61,6 +61,9 @@ pub struct Secrets {
     pub github_webhook: Option<Secret>,
     /// `GANTRY_API_TOKENS`: without any, every operator API call answers 401.
     pub api_tokens: Vec<auth::ApiToken>,
+    /// App Service Authentication principals, trusted only when the platform
+    /// feature is enabled (`WEBSITE_AUTH_ENABLED`) — see [`auth`].
+    pub app_service: Option<auth::AppServiceAuth>,
 }
 
 /// Outbound clients and per-process caches shared by functions.
