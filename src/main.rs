@@ -58,10 +58,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Inspect runs in the state store.
+    /// Runs through the operator API: list, show, retrigger, approve, reject.
     Runs {
         #[command(subcommand)]
         command: runs::RunsCommand,
+    },
+    /// Apps through the operator API: rollback.
+    Apps {
+        #[command(subcommand)]
+        command: runs::AppsCommand,
     },
 }
 
@@ -113,6 +118,7 @@ fn real_main() -> Result<()> {
             } => policy::render(&app, &digest, config.as_deref(), hash),
             Command::Policy { command } => policy::run(command),
             Command::Runs { command } => runs::run(command).await,
+            Command::Apps { command } => runs::apps(command).await,
         }
     })
 }
