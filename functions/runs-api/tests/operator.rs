@@ -61,7 +61,7 @@ impl MessageBus for Bus {
 
 struct Harness {
     _dir: tempfile::TempDir,
-    store: Arc<FsStore>,
+    store: Arc<dyn StateStore>,
     bus: Arc<Bus>,
     runs: RunStore,
     router: Router,
@@ -72,6 +72,14 @@ impl Harness {
     async fn new(app_service: Option<AppServiceAuth>) -> Result<Harness> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(FsStore::open(dir.path().join("store"))?);
+        Harness::with_store(dir, store, app_service).await
+    }
+
+    async fn with_store(
+        dir: tempfile::TempDir,
+        store: Arc<dyn StateStore>,
+        app_service: Option<AppServiceAuth>,
+    ) -> Result<Harness> {
         let bus = Arc::new(Bus {
             inner: EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?,
             fail: AtomicBool::new(false),
@@ -929,5 +937,55 @@ async fn approve_after_a_retrigger_uses_a_new_deploy_attempt() -> Result<()> {
     let deploys = h.messages("deploy").await;
     assert_eq!(deploys.len(), 1);
     assert_eq!(deploys[0].message_id, format!("{}:deploy:2", run.id));
+    Ok(())
+}
+
+/// Measures `GET /api/runs` over many runs in the embedded store (numbers
+/// for docs/operations.md; no assertion on time).
+#[tokio::test]
+#[ignore = "measurement: cargo test -p fn-runs-api --test operator -- --ignored --nocapture"]
+async fn measure_list_pages() -> Result<()> {
+    measure(Harness::new(None).await?, "embedded store", 5000).await?;
+    let azurite = gantry_testkit::Azurite::shared()?;
+    let blob = gantry_store::blob::BlobStore::connect(
+        &azurite.connection_string(),
+        &gantry_testkit::unique_name("list"),
+        None,
+    )?;
+    blob.ensure_container().await?;
+    let h = Harness::with_store(tempfile::tempdir()?, Arc::new(blob), None).await?;
+    measure(h, "Azurite", 1000).await
+}
+
+async fn measure(h: Harness, what: &str, n: usize) -> Result<()> {
+    for i in 0..n {
+        let status = if i % 50 == 0 {
+            RunStatus::Failed
+        } else {
+            RunStatus::Deployed
+        };
+        h.run(
+            if i % 2 == 0 { "web" } else { "api" },
+            status,
+            &[("scan", PASSED)],
+        )
+        .await?;
+    }
+    for query in [
+        "?limit=50",
+        "?app=web&limit=50",
+        "?limit=200",
+        "?status=failed&limit=50",
+    ] {
+        let start = std::time::Instant::now();
+        let rounds = 5;
+        for _ in 0..rounds {
+            h.list(query).await?;
+        }
+        println!(
+            "{what}, {n} runs, GET /api/runs{query}: {:?} per page",
+            start.elapsed() / rounds
+        );
+    }
     Ok(())
 }
