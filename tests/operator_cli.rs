@@ -308,3 +308,80 @@ fn a_remote_url_needs_a_token() -> Result<()> {
     assert!(stderr(&out).contains("GANTRY_TOKEN"), "{}", stderr(&out));
     Ok(())
 }
+
+#[tokio::test]
+async fn approve_from_the_cli_deploys_and_a_second_approve_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("gantry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nrequire_approval = true\n\n[scan]\nthreshold = \"high\"\ntrivy_dir = {:?}\n",
+            repo_root().join("examples/scans").display().to_string()
+        ),
+    )?;
+    let host = DevHost::start(
+        &dir.path().join("state"),
+        &["--config", config.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let url = host.url("");
+    let (status, body) = host
+        .github(
+            "push",
+            "44444444-2222-4333-8444-555555555556",
+            &example("github-push.json"),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    host.enqueue(
+        "registry-events",
+        Some("831e1650-001e-001b-66ab-eeb76e069632"),
+        &example("acr-image-pushed.json"),
+    )
+    .await?;
+    let run = host
+        .settle(&["awaiting-approval", "blocked", "failed", "deployed"], &[])
+        .await?;
+    assert_eq!(run["status"], "awaiting-approval", "{run:#}");
+    let id = run["id"].as_str().context("id")?.to_string();
+    let out = gantry(
+        &url,
+        &["runs", "list", "--status", "awaiting-approval", "--json"],
+    )?;
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(listed.len(), 1, "{}", stderr(&out));
+
+    let out = gantry(&url, &["runs", "approve", &id, "--json"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let approved: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(approved["status"], "deploying");
+    assert_eq!(approved["steps"]["approval"]["summary"], "approved by dev");
+    let run = host.settle(&["blocked", "failed", "deployed"], &[]).await?;
+    assert_eq!(run["status"], "deployed", "{run:#}");
+
+    let out = gantry(&url, &["runs", "approve", &id])?;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("error: not_awaiting_approval:"),
+        "{}",
+        stderr(&out)
+    );
+    let out = gantry(&url, &["runs", "reject", &id, "--reason", "too late"])?;
+    assert!(
+        stderr(&out).contains("error: not_awaiting_approval:"),
+        "{}",
+        stderr(&out)
+    );
+    let out = gantry(&url, &["runs", "show", &id, "--json"])?;
+    let shown: Value = serde_json::from_slice(&out.stdout)?;
+    let approvals: Vec<&Value> = shown["audit"]
+        .as_array()
+        .context("audit")?
+        .iter()
+        .filter(|e| e["action"] == "run.approved")
+        .collect();
+    assert_eq!(approvals.len(), 1);
+    assert_eq!(approvals[0]["actor"], "dev");
+    Ok(())
+}
