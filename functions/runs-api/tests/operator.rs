@@ -65,6 +65,7 @@ struct Harness {
     bus: Arc<Bus>,
     runs: RunStore,
     router: Router,
+    deps: Arc<Deps>,
     clock: std::sync::atomic::AtomicU64,
 }
 
@@ -101,7 +102,8 @@ impl Harness {
             },
             services: Default::default(),
         };
-        let router = gantry_runtime::app(Arc::new(deps), &[fn_runs_api::function()]);
+        let deps = Arc::new(deps);
+        let router = gantry_runtime::app(deps.clone(), &[fn_runs_api::function()]);
         let start = u64::try_from(OffsetDateTime::now_utc().unix_timestamp())? * 1000 - 3_600_000;
         Ok(Harness {
             _dir: dir,
@@ -109,6 +111,7 @@ impl Harness {
             bus,
             runs,
             router,
+            deps,
             clock: start.into(),
         })
     }
@@ -563,6 +566,8 @@ async fn retrigger_from_scan_keeps_history_lifts_its_own_block_and_audits() -> R
     let unblocked = h.audit("digest.unblocked").await?;
     assert_eq!(unblocked.len(), 1);
     assert_eq!(unblocked[0]["actor"], "alice");
+    let digest = Digest::parse(DIGEST)?;
+    assert!(!gantry_runtime::steps::is_blocked(&h.deps, &run.app, &digest).await?);
 
     // The whole record carries the run's audit entries.
     let (status, shown) = h
@@ -591,6 +596,12 @@ async fn retrigger_from_scan_keeps_history_lifts_its_own_block_and_audits() -> R
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(code(&body), "in_progress");
     assert_eq!(h.messages("scan").await.len(), 1);
+
+    // If the re-run gate blocks again, the lifted record is replaced.
+    let again = json!({"digest": DIGEST, "run_id": run.id, "step": "scan", "reason": "still critical", "at": "2026-01-02T00:00:00Z"});
+    gantry_runtime::steps::record_block(&h.deps, &run.app, &digest, &again).await?;
+    assert!(gantry_runtime::steps::is_blocked(&h.deps, &run.app, &digest).await?);
+    assert_eq!(h.blocked("web").await?, Some(again));
     Ok(())
 }
 
