@@ -61,10 +61,15 @@ enum Command {
     },
     /// Build the deployment package: `dist/` as the Functions host expects it and `dist.zip` for zip deploy.
     Package(package::PackageArgs),
-    /// Inspect runs in the state store.
+    /// Runs through the operator API: list, show, retrigger, approve, reject.
     Runs {
         #[command(subcommand)]
         command: runs::RunsCommand,
+    },
+    /// Apps through the operator API: rollback.
+    Apps {
+        #[command(subcommand)]
+        command: runs::AppsCommand,
     },
 }
 
@@ -117,6 +122,7 @@ fn real_main() -> Result<()> {
             Command::Policy { command } => policy::run(command),
             Command::Runs { command } => runs::run(command).await,
             Command::Package(args) => package::run(args),
+            Command::Apps { command } => runs::apps(command).await,
         }
     })
 }

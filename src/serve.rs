@@ -50,8 +50,15 @@ pub async fn run() -> Result<()> {
             "GANTRY_GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused"
         );
     }
-    if secrets.api_tokens.is_empty() {
-        tracing::error!("GANTRY_API_TOKENS is not set: every operator API call will answer 401");
+    match &secrets.app_service {
+        Some(trust) => tracing::info!(
+            principals = trust.principals.len(),
+            "App Service Authentication is enabled: its principal headers are trusted (GANTRY_API_PRINCIPALS, Gantry.Read/Gantry.Operate roles)"
+        ),
+        None if secrets.api_tokens.is_empty() => tracing::error!(
+            "GANTRY_API_TOKENS is not set and App Service Authentication is off: every operator API call will answer 401"
+        ),
+        None => {}
     }
     let deps = Arc::new(Deps {
         runs: gantry_pipeline::RunStore::new(store),

@@ -8,11 +8,18 @@ use azure_core::credentials::TokenCredential;
 use gantry_pipeline::Config;
 use gantry_runtime::{Secret, Secrets};
 use gantry_store::StateStore;
+use sha2::Digest as _;
 
 /// The default development webhook secret, used by `gantry dev` and
 /// `gantry send` when `GANTRY_GITHUB_WEBHOOK_SECRET` is not set. Never used by
 /// `gantry serve`.
 pub const DEV_WEBHOOK_SECRET: &str = "gantry-dev-webhook-secret";
+
+/// The development operator API token: accepted by `gantry dev` (operate
+/// scope, principal `dev`) when `GANTRY_API_TOKENS` is not set, and sent by
+/// the CLI to a loopback URL when no `--token`/`GANTRY_TOKEN` is given.
+/// Never accepted by `gantry serve`.
+pub const DEV_API_TOKEN: &str = "gantry-dev-token";
 
 /// The Entra ID credential: the Function App's managed identity in Azure
 /// (user-assigned when `AZURE_CLIENT_ID` is set), a developer login elsewhere.
@@ -118,9 +125,29 @@ pub fn secrets(dev_default: bool) -> Result<Secrets> {
         .ok()
         .filter(|s| resolved("GANTRY_API_TOKENS", s))
         .unwrap_or_default();
+    // The platform sets WEBSITE_AUTH_ENABLED when App Service Authentication
+    // is on; only then are its principal headers trustworthy.
+    let app_service = gantry_runtime::auth::AppServiceAuth::from_settings(
+        std::env::var("WEBSITE_AUTH_ENABLED").ok().as_deref(),
+        std::env::var("GANTRY_API_PRINCIPALS").ok().as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut api_tokens =
+        gantry_runtime::auth::parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?;
+    // `gantry dev` only: with no token configured, accept the development
+    // token (operate scope, principal `dev`), like the development webhook
+    // secret, so `gantry runs ...` works against it out of the box.
+    if dev_default && api_tokens.is_empty() {
+        api_tokens = gantry_runtime::auth::parse_api_tokens(&format!(
+            "dev:operate:{}",
+            hex::encode(sha2::Sha256::digest(DEV_API_TOKEN.as_bytes()))
+        ))
+        .map_err(anyhow::Error::msg)?;
+    }
     Ok(Secrets {
         github_webhook: webhook_secret(dev_default),
-        api_tokens: gantry_runtime::auth::parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
+        api_tokens,
+        app_service,
         named: Default::default(),
     })
 }

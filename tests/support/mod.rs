@@ -50,6 +50,8 @@ impl DevHost {
             .env_remove("GANTRY_GITHUB_WEBHOOK_SECRET")
             .env_remove("GANTRY_STORAGE")
             .env_remove("GANTRY_CONFIG")
+            // The operator API accepts the development token then.
+            .env_remove("GANTRY_API_TOKENS")
             .env("GANTRY_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())

@@ -974,20 +974,19 @@ async fn roll_back(
     // Blocked first, so it never deploys again automatically even if what
     // follows is interrupted.
     let now = OffsetDateTime::now_utc();
-    let blocked = serde_json::to_vec_pretty(&serde_json::json!({
-        "digest": digest, "run_id": run.id, "step": steps::VERIFY, "reason": reason,
-        "at": step::rfc3339(now),
-    }))
-    .unwrap_or_default();
-    match deps
-        .runs
-        .raw()
-        .create(&blobs::blocked(&run.app, digest), &blocked)
-        .await
-    {
-        Ok(_) | Err(gantry_store::StoreError::Conflict { .. }) => {}
-        Err(e) => return Err(record(e.into())),
-    }
+    // record_block also re-blocks a digest whose earlier block an operator
+    // lifted with a retrigger.
+    step::record_block(
+        deps,
+        &run.app,
+        digest,
+        &serde_json::json!({
+            "digest": digest, "run_id": run.id, "step": steps::VERIFY, "reason": reason,
+            "at": step::rfc3339(now),
+        }),
+    )
+    .await
+    .map_err(record)?;
     let deployed_name = blobs::deployed(&run.app);
     let deployed = match deps
         .runs

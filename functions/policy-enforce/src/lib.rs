@@ -286,12 +286,14 @@ async fn pass(
             if require_approval {
                 r.status = RunStatus::AwaitingApproval;
                 // started_at: when the approval expiry starts counting.
-                let mut approval = Step::pending(1);
+                // Attempts continue after a retrigger (MessageIds stay unique).
+                let mut approval = Step::pending(r.next_attempt(steps::APPROVAL));
                 approval.started_at = Some(now);
                 r.steps.insert(steps::APPROVAL.into(), approval);
             } else {
                 r.status = RunStatus::Deploying;
-                r.steps.insert(steps::DEPLOY.into(), Step::pending(1));
+                let attempt = r.next_attempt(steps::DEPLOY);
+                r.steps.insert(steps::DEPLOY.into(), Step::pending(attempt));
             }
             Ok(true)
         })

@@ -8,6 +8,8 @@
 //! Every route but `/api/health` needs `Authorization: Bearer <token>` with a
 //! token configured in `GANTRY_API_TOKENS` ([`gantry_runtime::auth`]).
 
+pub mod list;
+pub mod retrigger;
 mod rollback;
 
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use axum::extract::{Path, State};
 use axum::response::Json;
 use axum::routing::{get, post};
 use gantry_pipeline::run::steps;
-use gantry_pipeline::{PipelineError, Run, RunId, RunStatus, Step, StepStatus};
+use gantry_pipeline::{AuditEntry, PipelineError, Run, RunId, RunStatus, Step, StepStatus};
 use gantry_runtime::auth::{Scope, authorize};
 use gantry_runtime::steps as step;
 use gantry_runtime::{ApiError, Deps, Function};
@@ -46,7 +48,9 @@ pub fn function() -> Function {
 fn routes() -> Router<Arc<Deps>> {
     Router::new()
         .route("/api/health", get(health))
+        .route("/api/runs", get(list::list))
         .route("/api/runs/{id}", get(show))
+        .route("/api/runs/{id}/retrigger", post(retrigger::retrigger))
         .route("/api/runs/{id}/approve", post(approve))
         .route("/api/runs/{id}/reject", post(reject))
         .route("/api/apps/{app}/rollback", post(rollback::rollback))
@@ -58,7 +62,7 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
 }
 
-fn store_error(e: PipelineError) -> ApiError {
+pub(crate) fn store_error(e: PipelineError) -> ApiError {
     if e.is_transient() {
         ApiError::unavailable(e.to_string())
     } else {
@@ -66,7 +70,7 @@ fn store_error(e: PipelineError) -> ApiError {
     }
 }
 
-async fn load(deps: &Deps, id: &str) -> Result<Run, ApiError> {
+pub(crate) async fn load(deps: &Deps, id: &str) -> Result<Run, ApiError> {
     let id = RunId::parse(id)
         .map_err(|e| ApiError::bad_request("bad_run_id", format!("invalid run id: {e}")))?;
     deps.runs
@@ -76,14 +80,74 @@ async fn load(deps: &Deps, id: &str) -> Result<Run, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no run {id}")))
 }
 
-/// `GET /api/runs/{id}` (read scope): the run record.
+/// Days of audit trail `GET /api/runs/{id}` reads at most for one run.
+pub const MAX_AUDIT_DAYS: usize = 14;
+/// Audit entries `GET /api/runs/{id}` returns at most (the newest).
+pub const MAX_AUDIT_ENTRIES: usize = 500;
+
+/// The whole record of a run: its JSON fields as stored (DESIGN.md §4) plus
+/// `audit`, the audit trail entries about it.
+#[derive(Debug, serde::Serialize)]
+pub struct RunRecord {
+    /// The run, fields unchanged.
+    #[serde(flatten)]
+    pub run: Run,
+    /// Audit entries of the run, oldest first.
+    pub audit: Vec<AuditEntry>,
+}
+
+/// `GET /api/runs/{id}` (read scope): the run record with its audit entries.
 async fn show(
     State(deps): State<Arc<Deps>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Run>, ApiError> {
+) -> Result<Json<RunRecord>, ApiError> {
     authorize(&deps.secrets, &headers, Scope::Read)?;
-    Ok(Json(load(&deps, &id).await?))
+    let run = load(&deps, &id).await?;
+    let audit = run_audit(&deps, &run).await?;
+    Ok(Json(RunRecord { run, audit }))
+}
+
+/// Audit entries of `run` from the `audit/{day}.jsonl` blobs of the days it
+/// spans: from its creation to the day after its last update (an audit
+/// line may be appended just after the update it describes, across
+/// midnight), never past today. A run spanning more than
+/// [`MAX_AUDIT_DAYS`] days reads its first and its latest days only.
+async fn run_audit(deps: &Deps, run: &Run) -> Result<Vec<AuditEntry>, ApiError> {
+    let today = OffsetDateTime::now_utc().date();
+    let first = run.created_at.date();
+    let last = (run.updated_at.date().next_day().unwrap_or(today)).min(today);
+    let mut days = Vec::new();
+    let mut d = first;
+    while d <= last {
+        days.push(d);
+        match d.next_day() {
+            Some(n) => d = n,
+            None => break,
+        }
+    }
+    if days.len() > MAX_AUDIT_DAYS {
+        let tail = days.split_off(days.len() - (MAX_AUDIT_DAYS - 1));
+        days.truncate(1);
+        days.extend(tail);
+    }
+    let mut out = Vec::new();
+    for day in days {
+        let entries = deps
+            .runs
+            .audit_day(day.midnight().assume_utc())
+            .await
+            .map_err(store_error)?;
+        out.extend(
+            entries
+                .into_iter()
+                .filter(|e| e.run.as_ref() == Some(&run.id)),
+        );
+    }
+    if out.len() > MAX_AUDIT_ENTRIES {
+        out.drain(..out.len() - MAX_AUDIT_ENTRIES);
+    }
+    Ok(out)
 }
 
 fn not_awaiting(run: &Run) -> ApiError {
@@ -123,9 +187,7 @@ async fn approve(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Run>, ApiError> {
-    let principal = authorize(&deps.secrets, &headers, Scope::Operate)?
-        .name
-        .clone();
+    let principal = authorize(&deps.secrets, &headers, Scope::Operate)?.name;
     let run = load(&deps, &id).await?;
     let Some(digest) = run.image.as_ref().map(|i| i.digest.clone()) else {
         return Err(not_awaiting(&run));
@@ -161,7 +223,9 @@ async fn approve(
                 s.summary = Some(format!("approved by {principal}"));
                 s.details = serde_json::json!({"principal": principal});
                 r.status = RunStatus::Deploying;
-                r.steps.insert(steps::DEPLOY.into(), Step::pending(1));
+                // Attempts continue after a retrigger (MessageIds stay unique).
+                let attempt = r.next_attempt(steps::DEPLOY);
+                r.steps.insert(steps::DEPLOY.into(), Step::pending(attempt));
                 decision = Decision::Done;
             }
             Ok(true)
@@ -190,13 +254,14 @@ async fn approve(
             ))
         }
         Decision::Done => {
+            let attempt = updated.steps.get(steps::DEPLOY).map_or(1, |s| s.attempts);
             if let Err(e) = step::send_step(
                 &deps,
                 "deploy",
                 steps::DEPLOY,
                 &updated,
                 &digest,
-                1,
+                attempt,
                 Some(&updated.app),
             )
             .await
@@ -266,9 +331,7 @@ async fn reject(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Run>, ApiError> {
-    let principal = authorize(&deps.secrets, &headers, Scope::Operate)?
-        .name
-        .clone();
+    let principal = authorize(&deps.secrets, &headers, Scope::Operate)?.name;
     let body: RejectBody = if body.iter().all(u8::is_ascii_whitespace) {
         RejectBody::default()
     } else {

@@ -435,7 +435,10 @@ async fn pass(
             s.finish(StepStatus::Passed, now, verdict.summary.clone());
             s.details = details.clone();
             r.status = RunStatus::CheckingPolicy;
-            r.steps.insert(steps::POLICY.into(), Step::pending(1));
+            // After a retrigger the attempt continues from the earlier ones
+            // (a reused MessageId would be dropped as a duplicate).
+            let attempt = r.next_attempt(steps::POLICY);
+            r.steps.insert(steps::POLICY.into(), Step::pending(attempt));
             Ok(true)
         })
         .await

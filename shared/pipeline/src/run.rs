@@ -280,6 +280,11 @@ pub struct Run {
     /// deduplicated. Never holds a URL, token or secret.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<Notification>,
+    /// Operator retriggers, oldest first: who asked, why, and the steps the
+    /// retrigger replaced (their last attempt, verdict details included).
+    /// Absent from the JSON until the first retrigger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriggers: Vec<Retrigger>,
 }
 
 /// What a rollback run re-deploys and why.
@@ -339,6 +344,26 @@ pub struct Notification {
     pub reason: Option<String>,
 }
 
+/// One operator retrigger of a run (`POST /api/runs/{id}/retrigger`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Retrigger {
+    /// When it was asked.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The operator principal who asked.
+    pub by: String,
+    /// The step the run restarted from (`scan`, `policy`, `deploy`).
+    pub from: String,
+    /// Why, as given by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The run status before the retrigger.
+    pub previous_status: RunStatus,
+    /// The steps from `from` onwards as they were before the retrigger.
+    #[serde(default)]
+    pub previous: BTreeMap<String, Step>,
+}
+
 impl Run {
     /// A new run in `status` created at `now`.
     pub fn new(
@@ -359,7 +384,22 @@ impl Run {
             updated_at: now,
             rollback: None,
             notifications: Vec::new(),
+            retriggers: Vec::new(),
         }
+    }
+
+    /// The attempt number a new `step` entry must get: one more than any
+    /// attempt of it recorded on the run, now or before a retrigger. Step
+    /// messages carry `MessageId` `{run}:{step}:{attempt}`, so reusing an
+    /// attempt number after a retrigger would be dropped by duplicate
+    /// detection.
+    pub fn next_attempt(&self, step: &str) -> u32 {
+        let current = self.steps.get(step).map(|s| s.attempts);
+        let earlier = self
+            .retriggers
+            .iter()
+            .filter_map(|r| r.previous.get(step).map(|s| s.attempts));
+        current.into_iter().chain(earlier).max().unwrap_or(0) + 1
     }
 }
 

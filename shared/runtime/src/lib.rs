@@ -70,6 +70,9 @@ pub struct Secrets {
     /// name, read once at start. Tests fill it directly instead of touching
     /// the process environment.
     pub named: std::collections::BTreeMap<String, Secret>,
+    /// App Service Authentication principals, trusted only when the platform
+    /// feature is enabled (`WEBSITE_AUTH_ENABLED`) — see [`auth`].
+    pub app_service: Option<auth::AppServiceAuth>,
 }
 
 impl Secrets {

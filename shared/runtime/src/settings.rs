@@ -83,6 +83,16 @@ pub const ALL: &[Setting] = &[
         "operator API token hashes (name:scope:sha256hex, comma-separated)",
     ),
     setting(
+        "GANTRY_API_PRINCIPALS",
+        Kind::AppSetting,
+        "App Service Authentication principals allowed on the operator API (<object id>:read|operate, comma-separated)",
+    ),
+    setting(
+        "WEBSITE_AUTH_ENABLED",
+        Kind::Platform,
+        "set by App Service when its Authentication is on: only then are X-MS-CLIENT-PRINCIPAL headers trusted",
+    ),
+    setting(
         "FUNCTIONS_CUSTOMHANDLER_PORT",
         Kind::Platform,
         "port the Functions host forwards invocations to",
@@ -101,6 +111,16 @@ pub const ALL: &[Setting] = &[
         "GANTRY_STATE",
         Kind::Local,
         "gantry dev / runs: embedded store directory",
+    ),
+    setting(
+        "GANTRY_URL",
+        Kind::Local,
+        "gantry runs / apps: the operator API base URL",
+    ),
+    setting(
+        "GANTRY_TOKEN",
+        Kind::Local,
+        "gantry runs / apps: the operator API bearer token",
     ),
     setting(
         "GANTRY_AZURITE_BIN",

@@ -141,19 +141,16 @@ pub async fn block(
         source,
     };
     let now = OffsetDateTime::now_utc();
-    let blocked = serde_json::to_vec_pretty(&serde_json::json!({
-        "digest": digest, "run_id": run.id, "step": step, "reason": reason, "at": rfc3339(now),
-    }))
-    .unwrap_or_default();
-    match deps
-        .runs
-        .raw()
-        .create(&blobs::blocked(&run.app, digest), &blocked)
-        .await
-    {
-        Ok(_) | Err(gantry_store::StoreError::Conflict { .. }) => {}
-        Err(e) => return Err(record(e.into())),
-    }
+    record_block(
+        deps,
+        &run.app,
+        digest,
+        &serde_json::json!({
+            "digest": digest, "run_id": run.id, "step": step, "reason": reason, "at": rfc3339(now),
+        }),
+    )
+    .await
+    .map_err(record)?;
     deps.runs
         .update(&run.app, &run.id, |r| {
             let Some(s) = r.steps.get_mut(step) else {
@@ -258,7 +255,9 @@ pub fn waiting_for(run: &Run, status: RunStatus, step: &str, attempt: u32) -> bo
         })
 }
 
-/// Whether `digest` is in `apps/{app}/blocked/`.
+/// Whether `digest` is in `apps/{app}/blocked/` and its block was not lifted
+/// by an operator retrigger ([`lift_block`]). A record that does not parse
+/// counts as blocked: when in doubt, never deploy.
 pub async fn is_blocked(
     deps: &Deps,
     app: &AppName,
@@ -269,7 +268,124 @@ pub async fn is_blocked(
         .raw()
         .get(&blobs::blocked(app, digest))
         .await?
-        .is_some())
+        .is_some_and(|v| !is_lifted(&v.body)))
+}
+
+/// The block record of `digest` (`apps/{app}/blocked/{digest}`), if any,
+/// whether lifted or not.
+pub async fn block_record(
+    deps: &Deps,
+    app: &AppName,
+    digest: &Digest,
+) -> Result<Option<serde_json::Value>, PipelineError> {
+    Ok(deps
+        .runs
+        .raw()
+        .get(&blobs::blocked(app, digest))
+        .await?
+        .map(|v| serde_json::from_slice(&v.body).unwrap_or(serde_json::Value::Null)))
+}
+
+fn is_lifted(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("lifted").is_some_and(|l| !l.is_null()))
+}
+
+/// Records `digest` as blocked with `record` (`digest`, `run_id`, `step`,
+/// `reason`, `at`). An existing active block is kept (the first reason
+/// stays); a lifted one is replaced, so a digest that fails again after a
+/// retrigger is blocked again.
+pub async fn record_block(
+    deps: &Deps,
+    app: &AppName,
+    digest: &Digest,
+    record: &serde_json::Value,
+) -> Result<(), PipelineError> {
+    let name = blobs::blocked(app, digest);
+    let body = serde_json::to_vec_pretty(record).unwrap_or_default();
+    let store = deps.runs.raw();
+    // Bounded: each round only loses to another writer of the same blob.
+    for _ in 0..16 {
+        match store.create(&name, &body).await {
+            Ok(_) => return Ok(()),
+            Err(gantry_store::StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(current) = store.get(&name).await? else {
+            continue;
+        };
+        if !is_lifted(&current.body) {
+            return Ok(());
+        }
+        match store.replace(&name, &body, &current.etag).await {
+            Ok(_) => return Ok(()),
+            Err(gantry_store::StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(PipelineError::Contention { name, attempts: 16 })
+}
+
+/// Lifts the block of `digest` (the store has no delete, and the record is
+/// worth keeping): the record gains `"lifted": {"by", "at", "reason"}` and
+/// [`is_blocked`] no longer reports it. `expected` is the record the caller
+/// decided on; if the blob changed meanwhile nothing is written and `false`
+/// is returned.
+pub async fn lift_block(
+    deps: &Deps,
+    app: &AppName,
+    digest: &Digest,
+    expected: &serde_json::Value,
+    lifted: serde_json::Value,
+) -> Result<bool, PipelineError> {
+    let name = blobs::blocked(app, digest);
+    let store = deps.runs.raw();
+    let Some(current) = store.get(&name).await? else {
+        return Ok(false);
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&current.body).unwrap_or(serde_json::Value::Null);
+    if &value != expected || !value.is_object() {
+        return Ok(false);
+    }
+    value["lifted"] = lifted;
+    let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+    match store.replace(&name, &body, &current.etag).await {
+        Ok(_) => Ok(true),
+        Err(gantry_store::StoreError::Conflict { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Puts back a block that [`lift_block`] lifted (the retrigger could not be
+/// sent): removes `lifted` again.
+pub async fn restore_block(
+    deps: &Deps,
+    app: &AppName,
+    digest: &Digest,
+) -> Result<(), PipelineError> {
+    let name = blobs::blocked(app, digest);
+    let store = deps.runs.raw();
+    for _ in 0..16 {
+        let Some(current) = store.get(&name).await? else {
+            return Ok(());
+        };
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&current.body).unwrap_or(serde_json::Value::Null);
+        let Some(obj) = value.as_object_mut() else {
+            return Ok(());
+        };
+        if obj.remove("lifted").is_none() {
+            return Ok(());
+        }
+        let body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+        match store.replace(&name, &body, &current.etag).await {
+            Ok(_) => return Ok(()),
+            Err(gantry_store::StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(PipelineError::Contention { name, attempts: 16 })
 }
 
 /// The step that follows a passed one: its queue, its name, the run status
