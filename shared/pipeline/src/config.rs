@@ -26,6 +26,9 @@ pub struct Config {
     /// Where deploys go (`[deploy]`).
     #[serde(default)]
     pub deploy: DeployConfig,
+    /// Defender for Cloud security alerts (`[security]`).
+    #[serde(default)]
+    pub security: SecurityConfig,
     /// Directory of the configuration file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -253,6 +256,105 @@ fn default_target() -> DeployTarget {
     DeployTarget::Directory
 }
 
+/// Severity of a Defender for Cloud security alert, ordered (Defender's four
+/// levels: `Informational`, `Low`, `Medium`, `High`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SecuritySeverity {
+    /// Informational.
+    Informational,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+}
+
+impl SecuritySeverity {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecuritySeverity::Informational => "informational",
+            SecuritySeverity::Low => "low",
+            SecuritySeverity::Medium => "medium",
+            SecuritySeverity::High => "high",
+        }
+    }
+}
+
+/// `[security]`: how Defender for Cloud alerts (queue `security-events`) act.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// At or above this severity an alert naming an image digest blocks that
+    /// digest and alerts high (default `high`).
+    #[serde(default = "default_min_severity")]
+    pub min_severity: SecuritySeverity,
+    /// ARM ids of the AKS clusters gantry deploys to
+    /// (`/subscriptions/…/resourceGroups/…/providers/Microsoft.ContainerService/managedClusters/…`),
+    /// compared case-insensitively as ARM ids are. An alert correlates to an
+    /// app by namespace only when it names one of these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            min_severity: default_min_severity(),
+            clusters: Vec::new(),
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// The configured cluster that `resource_id` is, or lies under (a node
+    /// pool, an extension), compared case-insensitively.
+    pub fn cluster_of(&self, resource_id: &str) -> Option<&str> {
+        let id = resource_id.trim().trim_end_matches('/');
+        self.clusters
+            .iter()
+            .map(|c| c.trim_end_matches('/'))
+            .find(|c| {
+                id.len() >= c.len()
+                    && id.is_char_boundary(c.len())
+                    && id[..c.len()].eq_ignore_ascii_case(c)
+                    && (id.len() == c.len() || id.as_bytes()[c.len()] == b'/')
+            })
+    }
+}
+
+fn default_min_severity() -> SecuritySeverity {
+    SecuritySeverity::High
+}
+
+/// Whether `v` is the ARM id of an AKS managed cluster (segment names compared
+/// case-insensitively, as ARM does).
+fn valid_cluster_id(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('/').collect();
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 90
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'(' | b')'))
+    };
+    matches!(
+        parts.as_slice(),
+        ["", subs, sub, rgs, rg, providers, ns, kind, name]
+            if subs.eq_ignore_ascii_case("subscriptions")
+                && segment_ok(sub)
+                && rgs.eq_ignore_ascii_case("resourceGroups")
+                && segment_ok(rg)
+                && providers.eq_ignore_ascii_case("providers")
+                && ns.eq_ignore_ascii_case("Microsoft.ContainerService")
+                && kind.eq_ignore_ascii_case("managedClusters")
+                && segment_ok(name)
+    )
+}
+
 /// `[policy]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +526,11 @@ pub struct AppConfig {
     /// Key Vault / Kubernetes secrets, not in gantry.toml).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Whether a Defender alert at or above `[security] min_severity` about
+    /// the digest this app runs rolls the app back to its previous good
+    /// digest (through the deploy step). Opt-in: default `false`.
+    #[serde(default)]
+    pub rollback_on_security_alert: bool,
 }
 
 fn default_branches() -> Vec<String> {
@@ -575,6 +682,20 @@ impl Config {
                 "scan.defender.subscriptions: the defender source needs at least one subscription"
                     .into(),
             ));
+        }
+        let mut seen_clusters = std::collections::BTreeSet::new();
+        for (i, cluster) in config.security.clusters.iter().enumerate() {
+            if !valid_cluster_id(cluster) {
+                return Err(invalid(format!(
+                    "security.clusters[{i}]: {cluster:?} is not an AKS cluster resource id \
+                     (/subscriptions/…/resourceGroups/…/providers/Microsoft.ContainerService/managedClusters/…)"
+                )));
+            }
+            if !seen_clusters.insert(cluster.to_ascii_lowercase()) {
+                return Err(invalid(format!(
+                    "security.clusters[{i}]: {cluster:?} is listed twice"
+                )));
+            }
         }
         Ok(config)
     }
@@ -742,6 +863,36 @@ image = "contoso.azurecr.io/web"
     }
 
     #[test]
+    fn security_section() {
+        let c = Config::parse(GOOD, "t").expect("parses");
+        assert_eq!(c.security.min_severity, SecuritySeverity::High);
+        assert!(c.security.clusters.is_empty());
+        assert!(!c.apps[0].rollback_on_security_alert);
+        let text = format!(
+            "{GOOD}rollback_on_security_alert = true\n\n[security]\nmin_severity = \"medium\"\nclusters = [\"/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]\n"
+        );
+        let c = Config::parse(&text, "t").expect("parses");
+        assert!(c.apps[0].rollback_on_security_alert);
+        assert_eq!(c.security.min_severity, SecuritySeverity::Medium);
+        assert!(SecuritySeverity::High > SecuritySeverity::Medium);
+        let upper = "/SUBSCRIPTIONS/0000/resourcegroups/RG-PROD/providers/microsoft.containerservice/managedclusters/AKS-PROD";
+        assert!(c.security.cluster_of(upper).is_some());
+        assert!(
+            c.security
+                .cluster_of(&format!("{upper}/agentPools/np1"))
+                .is_some()
+        );
+        assert!(c.security.cluster_of(&format!("{upper}2")).is_none());
+        assert!(c.security.cluster_of("/subscriptions/0000").is_none());
+        let twice = text.replace(
+            "clusters = [\"/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]",
+            "clusters = [\"/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\", \"/subscriptions/0000/resourcegroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/AKS-prod\"]",
+        );
+        let err = Config::parse(&twice, "t").unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let text = format!("{GOOD}require_aproval = true\n");
         let err = Config::parse(&text, "gantry.toml").unwrap_err().to_string();
@@ -833,6 +984,28 @@ image = "contoso.azurecr.io/web"
             ),
             (format!("{GOOD}health_path = \"healthz\"\n"), "health_path"),
             (format!("{GOOD}[policy]\nfolders = \"p\"\n"), "folders"),
+            (
+                format!("{GOOD}[security]\nmin_severity = \"critical\"\n"),
+                "min_severity",
+            ),
+            (
+                format!("{GOOD}[security]\nclusters = [\"aks-prod\"]\n"),
+                "security.clusters[0]",
+            ),
+            (
+                format!(
+                    "{GOOD}[security]\nclusters = [\"/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm\"]\n"
+                ),
+                "security.clusters[0]",
+            ),
+            (
+                format!("{GOOD}[security]\nmin_severty = \"high\"\n"),
+                "min_severty",
+            ),
+            (
+                format!("{GOOD}rollback_on_security_alerts = true\n"),
+                "rollback_on_security_alerts",
+            ),
         ] {
             let err = Config::parse(&bad, "g").unwrap_err().to_string();
             assert!(err.contains(key), "expected {key:?} in {err}");
