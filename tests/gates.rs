@@ -234,9 +234,12 @@ async fn a_second_image_deploys_and_records_the_previous_good_version() -> Resul
         clean.replace(DIGEST, &second),
     )?;
     let config = write_config(dir.path(), &scans, None)?;
-    let host = DevHost::start(
+    // An operator token for the rollback at the end.
+    let tokens = format!("ops:operate:{}", sha256_hex(OPERATE));
+    let host = DevHost::start_env(
         &dir.path().join("state"),
         &["--config", config.to_str().unwrap_or_default()],
+        &[("GANTRY_API_TOKENS", &tokens)],
     )
     .await?;
     let first = run_to(&host, &["blocked", "failed", "deployed"]).await?;
@@ -297,6 +300,7 @@ async fn a_second_image_deploys_and_records_the_previous_good_version() -> Resul
         "previous good recorded: {deployed:#}"
     );
     assert_eq!(deployed["previous"]["run_id"], first["id"]);
+    let first_hash = deployed["previous"]["manifest_hash"].clone();
     // The directory now holds the second image.
     let files = std::fs::read_dir(dir.path().join("state/deploy/web"))?;
     let mut found = false;
@@ -309,5 +313,60 @@ async fn a_second_image_deploys_and_records_the_previous_good_version() -> Resul
         );
     }
     assert!(found, "the Deployment names the second digest");
+
+    // An operator rolls back to the previous good version: a new run that
+    // deploys the first digest again and moves deployed.json forward.
+    let response = host
+        .client
+        .post(host.url("/api/apps/web/rollback"))
+        .bearer_auth(OPERATE)
+        .json(&serde_json::json!({"reason": "e2e: bad release"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let rollback: Value = response.json().await?;
+    assert_eq!(rollback["rollback"]["run_id"], first["id"], "{rollback:#}");
+    assert_eq!(rollback["rollback"]["requested_by"], "ops");
+    assert_eq!(rollback["image"]["digest"], DIGEST);
+    let rollback_id = rollback["id"].as_str().unwrap_or_default().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let runs = host.runs(&[])?;
+        if runs
+            .iter()
+            .any(|r| r["id"] == rollback_id.as_str() && r["status"] == "deployed")
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "rollback run not deployed: {runs:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let deployed: Value = serde_json::from_slice(&std::fs::read(
+        dir.path().join("state/store/apps/web/deployed.json"),
+    )?)?;
+    assert_eq!(deployed["current"]["digest"], DIGEST, "{deployed:#}");
+    assert_eq!(deployed["current"]["run_id"], rollback_id.as_str());
+    assert_eq!(
+        deployed["current"]["manifest_hash"], first_hash,
+        "the first run's manifests, exactly: {deployed:#}"
+    );
+    assert_eq!(deployed["previous"]["digest"], second.as_str());
+    let mut back = false;
+    for file in std::fs::read_dir(dir.path().join("state/deploy/web"))? {
+        let text = std::fs::read_to_string(file?.path())?;
+        back |= text.contains(&format!("@{DIGEST}"));
+        assert!(!text.contains(&format!("@{second}")), "second digest left");
+    }
+    assert!(back, "the Deployment names the first digest again");
     Ok(())
+}
+
+const OPERATE: &str = "e2e-operator-token";
+
+fn sha256_hex(token: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }

@@ -29,6 +29,11 @@ pub struct DevHost {
 
 impl DevHost {
     pub async fn start(state: &Path, extra: &[&str]) -> Result<DevHost> {
+        DevHost::start_env(state, extra, &[]).await
+    }
+
+    /// Like [`DevHost::start`], with extra environment variables.
+    pub async fn start_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<DevHost> {
         let port = gantry_testkit::free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
             .arg("dev")
@@ -41,6 +46,7 @@ impl DevHost {
             .env_remove("GANTRY_STORAGE")
             .env_remove("GANTRY_CONFIG")
             .env("GANTRY_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -27,8 +27,10 @@
 //! apply) → check again after `verify_interval`; failed or out of time → the
 //! digest is blocked and the previous good version is applied again (`rolled-back`),
 //! or, without one whose manifests render to the recorded hash, the run is
-//! `failed`. The cluster client is built once per process from the
-//! kubeconfig or the in-cluster service account ([`CLUSTER_KEY`]).
+//! `failed`. The cluster client is built once per process ([`CLUSTER_KEY`]):
+//! for `[deploy] aks_cluster`, from Azure Resource Manager with Entra tokens
+//! ([`gantry_kube::aks`]); otherwise from the kubeconfig or the in-cluster
+//! service account.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -249,20 +251,17 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         .await?;
         return Ok(Done(format!("run {run_id}: {reason}")));
     }
-    let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
-        app,
-        digest: &digest,
-        registry_image: &format!("{}/{}", image.registry, image.repository),
-        run_id: Some(&run.id),
-        commit: run.source.commit.as_ref(),
-        verdicts: run
-            .steps
-            .get(steps::SCAN)
-            .and_then(|s| s.summary.as_deref()),
-    }) {
+    // A rollback run deploys an earlier run's manifests exactly as that run
+    // rendered them (its provenance), which is what that run's policy gate checked.
+    let rendered = match rendering_source(deps, &run)
+        .await
+        .map_err(record)?
+        .and_then(|source| {
+            gantry_manifests::render_run(app, &source)
+                .map_err(|e| format!("rendering manifests: {e}"))
+        }) {
         Ok(r) => r,
-        Err(e) => {
-            let reason = format!("rendering manifests: {e}");
+        Err(reason) => {
             step::fail(deps, NAME, &run, steps::DEPLOY, &reason).await?;
             return Ok(Done(format!("run {run_id}: failed: {reason}")));
         }
@@ -558,7 +557,25 @@ async fn supersede(
 /// The process's cluster client (see [`CLUSTER_KEY`]).
 async fn cluster(deps: &Deps) -> Result<Arc<Cluster>, KubeError> {
     deps.services
-        .cached_async(CLUSTER_KEY, Cluster::from_kubeconfig_or_in_cluster)
+        .cached_async(CLUSTER_KEY, || async {
+            let Some(id) = &deps.config.deploy.aks_cluster else {
+                return Cluster::from_kubeconfig_or_in_cluster().await;
+            };
+            let Some(credential) = deps.services.credential.clone() else {
+                return Err(KubeError::Connect {
+                    message: format!(
+                        "[deploy] aks_cluster {id} needs an Azure credential; none is configured"
+                    ),
+                });
+            };
+            Cluster::from_aks(
+                id,
+                &deps.config.deploy.arm_endpoint,
+                credential,
+                &deps.services.http,
+            )
+            .await
+        })
         .await
 }
 
@@ -987,6 +1004,11 @@ async fn roll_back(
         step::fail(deps, NAME, run, steps::VERIFY, &reason).await?;
         Ok::<_, DeployError>(Done(format!("run {}: failed: {reason}", run.id)))
     };
+    if run.rollback.is_some() {
+        // Re-applying what it rolled back from would undo an operator's (or a
+        // security alert's) decision: leave the cluster for a person to judge.
+        return fail("a rollback is not rolled back automatically; left as it is".into()).await;
+    }
     let Some(target) = rollback_target(&deployed, digest) else {
         return fail("no previous good version to roll back to; left as it is".into()).await;
     };
@@ -1053,27 +1075,17 @@ async fn previous_manifests(
             target.run_id
         )));
     };
-    let Some(image) = previous
-        .image
-        .as_ref()
-        .filter(|i| i.digest == target.digest)
-    else {
+    if previous.image.as_ref().map(|i| &i.digest) != Some(&target.digest) {
         return Ok(Err(format!(
             "the run {} does not hold the digest {}",
             target.run_id, target.digest
         )));
+    }
+    let source = match rendering_source(deps, &previous).await? {
+        Ok(source) => source,
+        Err(why) => return Ok(Err(why)),
     };
-    let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
-        app,
-        digest: &target.digest,
-        registry_image: &format!("{}/{}", image.registry, image.repository),
-        run_id: Some(&previous.id),
-        commit: previous.source.commit.as_ref(),
-        verdicts: previous
-            .steps
-            .get(steps::SCAN)
-            .and_then(|s| s.summary.as_deref()),
-    }) {
+    let rendered = match gantry_manifests::render_run(app, &source) {
         Ok(r) => r,
         Err(e) => return Ok(Err(format!("rendering the previous version: {e}"))),
     };
@@ -1085,4 +1097,27 @@ async fn previous_manifests(
         )));
     }
     Ok(Ok(rendered))
+}
+
+/// The run whose provenance `run`'s manifests are rendered with: `run` itself,
+/// or for a rollback run the earlier run it deploys again (which must hold the
+/// same digest). `Err(why)` when that run is gone or does not match.
+async fn rendering_source(deps: &Deps, run: &Run) -> Result<Result<Run, String>, PipelineError> {
+    let Some(of) = &run.rollback else {
+        return Ok(Ok(run.clone()));
+    };
+    let Some(source) = deps.runs.get(&run.app, &of.run_id).await? else {
+        return Ok(Err(format!(
+            "the run {} this rollback deploys again is gone",
+            of.run_id
+        )));
+    };
+    let digest = |r: &Run| r.image.as_ref().map(|i| i.digest.clone());
+    if digest(&source) != digest(run) {
+        return Ok(Err(format!(
+            "the run {} this rollback deploys again does not hold its digest",
+            of.run_id
+        )));
+    }
+    Ok(Ok(source))
 }

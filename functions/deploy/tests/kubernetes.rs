@@ -647,3 +647,85 @@ async fn a_newer_apply_supersedes_the_older_rollout_check() -> Result<()> {
     assert_eq!(deployed["current"]["digest"], DIGEST);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rollback_run_applies_the_earlier_manifests_and_is_not_rolled_back_again() -> Result<()> {
+    let h = Harness::new().await?;
+    // DIGEST2 was good, then DIGEST replaced it.
+    let good = h.recorded(DIGEST2, Duration::from_secs(120)).await?;
+    let good_objects = h.render(&good)?;
+    let bad = h.recorded(DIGEST, Duration::from_secs(60)).await?;
+    for r in [&good, &bad] {
+        h.runs
+            .update(&r.app, &r.id, |r| {
+                r.status = RunStatus::Deployed;
+                Ok(true)
+            })
+            .await?;
+    }
+    let record = json!({
+        "current": {"digest": DIGEST, "run_id": bad.id, "manifest_hash": h.render(&bad)?.hash},
+        "previous": {"digest": DIGEST2, "run_id": good.id, "manifest_hash": good_objects.hash},
+    });
+    h.store
+        .create(DEPLOYED, &serde_json::to_vec(&record)?)
+        .await?;
+
+    // An operator asks; the rollback run's deploy message is what the host
+    // delivers next.
+    let deps = Deps {
+        runs: h.runs.clone(),
+        bus: Arc::new(h.bus.clone()),
+        config: h.config.clone(),
+        secrets: Secrets::default(),
+        services: Services::default(),
+    };
+    let rollback = gantry_runtime::rollback::start(
+        &deps,
+        gantry_runtime::rollback::RollbackRequest {
+            app: &good.app,
+            digest: None,
+            requested_by: "alice",
+            reason: Some("errors since the release"),
+        },
+    )
+    .await?;
+    let message = h.queued(&format!("{}:deploy:1", rollback.id)).await?;
+    let (status, line) = h
+        .deliver(message.body.as_bytes(), &message.message_id)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{line}");
+
+    // Exactly the good run's manifests: its image, and its provenance (run id
+    // annotation), so the hash is the one its policy gate checked.
+    assert_applied(&h.seen(), &good_objects.objects);
+    let stored = h.run(&rollback).await?;
+    assert_eq!(stored.status, RunStatus::Verifying, "{stored:#?}");
+    assert_eq!(
+        stored.steps["deploy"].details["manifest_hash"],
+        good_objects.hash
+    );
+
+    // Its rollout fails too: blocked and failed, and the cluster is left for
+    // a person (no re-apply of the version it rolled back from).
+    h.set(
+        deployment(
+            2,
+            1,
+            0,
+            json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]),
+        ),
+        json!([]),
+    );
+    h.verify(&verify_id(&rollback, 1)).await?;
+    assert_eq!(h.seen().len(), 8 + 2, "nothing applied after the checks");
+    let stored = h.run(&rollback).await?;
+    assert_eq!(stored.status, RunStatus::Failed);
+    let summary = stored.steps["verify"].summary.clone().unwrap_or_default();
+    assert!(
+        summary.contains("not rolled back automatically"),
+        "{summary}"
+    );
+    assert_eq!(h.blob(DEPLOYED).await?, Some(record), "unchanged");
+    Ok(())
+}

@@ -160,13 +160,13 @@ pub async fn handle(
         )));
     }
     // The scan verdict for this very digest must be on the record.
-    let scan = run
+    let scan_passed = run
         .steps
         .get(steps::SCAN)
-        .filter(|s| s.status == StepStatus::Passed);
-    let Some(scan) = scan else {
+        .is_some_and(|s| s.status == StepStatus::Passed);
+    if !scan_passed {
         return Err(check("the scan step has not passed for this digest".into()));
-    };
+    }
     let run = step::start(deps, &run, steps::POLICY).await?;
     if step::is_blocked(deps, &app.name, &digest)
         .await
@@ -189,14 +189,7 @@ pub async fn handle(
         return Ok(Done(format!("run {run_id}: {reason}")));
     }
 
-    let rendered = match gantry_manifests::render(&gantry_manifests::RenderInput {
-        app,
-        digest: &digest,
-        registry_image: &format!("{}/{}", image.registry, image.repository),
-        run_id: Some(&run.id),
-        commit: run.source.commit.as_ref(),
-        verdicts: scan.summary.as_deref(),
-    }) {
+    let rendered = match gantry_manifests::render_run(app, &run) {
         Ok(r) => r,
         Err(e) => {
             let reason = format!("rendering manifests: {e}");

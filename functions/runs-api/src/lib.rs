@@ -8,6 +8,8 @@
 //! Every route but `/api/health` needs `Authorization: Bearer <token>` with a
 //! token configured in `GANTRY_API_TOKENS` ([`gantry_runtime::auth`]).
 
+mod rollback;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -47,6 +49,7 @@ fn routes() -> Router<Arc<Deps>> {
         .route("/api/runs/{id}", get(show))
         .route("/api/runs/{id}/approve", post(approve))
         .route("/api/runs/{id}/reject", post(reject))
+        .route("/api/apps/{app}/rollback", post(rollback::rollback))
 }
 
 /// Liveness: answers as soon as the process serves HTTP, without touching

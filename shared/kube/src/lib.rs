@@ -30,6 +30,8 @@
 //! makes the Functions host redeliver the message; a permanent one is recorded
 //! on the run and alerted.
 
+pub mod aks;
+
 use gantry_manifests::APPLY_ORDER;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;

@@ -159,6 +159,12 @@ pub enum RenderError {
         /// What went wrong.
         message: String,
     },
+    /// The run has no image yet, so there is nothing to render.
+    #[error("run {run} has no image")]
+    NoImage {
+        /// The run.
+        run: RunId,
+    },
 }
 
 /// Everything one render needs.
@@ -188,6 +194,27 @@ pub struct Rendered {
     /// [`manifest_hash`] of `objects`: SHA-256 hex of their canonical JSON
     /// without provenance annotations.
     pub hash: String,
+}
+
+/// Renders the app's objects for `run`'s recorded image, with the run's
+/// provenance (id, commit, scan verdict summary). Every step that renders a run
+/// (the policy gate, deploy, rollback) goes through here, so a run always
+/// renders to the hash its policy gate checked while `gantry.toml` is unchanged.
+pub fn render_run(app: &AppConfig, run: &gantry_pipeline::Run) -> Result<Rendered, RenderError> {
+    let image = run.image.as_ref().ok_or_else(|| RenderError::NoImage {
+        run: run.id.clone(),
+    })?;
+    render(&RenderInput {
+        app,
+        digest: &image.digest,
+        registry_image: &format!("{}/{}", image.registry, image.repository),
+        run_id: Some(&run.id),
+        commit: run.source.commit.as_ref(),
+        verdicts: run
+            .steps
+            .get(gantry_pipeline::run::steps::SCAN)
+            .and_then(|s| s.summary.as_deref()),
+    })
 }
 
 /// Renders the app's objects for `input.digest`, validating every input the

@@ -231,6 +231,52 @@ pub struct DeployConfig {
     /// `kubernetes` target: how often the rollout is checked (default `15s`).
     #[serde(default = "default_verify_interval", deserialize_with = "de_duration")]
     pub verify_interval: std::time::Duration,
+    /// `kubernetes` target on AKS, reached from outside the cluster with
+    /// Microsoft Entra ID (the Function App's managed identity): the cluster's
+    /// resource id. Unset: the kubeconfig or the in-cluster service account.
+    #[serde(default)]
+    pub aks_cluster: Option<String>,
+    /// Azure Resource Manager endpoint used to look up `aks_cluster`'s
+    /// server and CA (default `https://management.azure.com`; sovereign
+    /// clouds differ).
+    #[serde(default = "default_arm_endpoint")]
+    pub arm_endpoint: String,
+}
+
+fn default_arm_endpoint() -> String {
+    "https://management.azure.com".into()
+}
+
+/// Checks an AKS resource id
+/// (`/subscriptions/{uuid}/resourceGroups/{group}/providers/Microsoft.ContainerService/managedClusters/{name}`)
+/// before it becomes part of a URL; `Err` says what it should look like.
+pub fn check_aks_cluster_id(id: &str) -> Result<(), String> {
+    let parts: Vec<&str> = id.split('/').collect();
+    let segment = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'))
+    };
+    let ok = parts.len() == 9
+        && parts[0].is_empty()
+        && parts[1].eq_ignore_ascii_case("subscriptions")
+        && parts[2].len() == 36
+        && parts[2].chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        && parts[3].eq_ignore_ascii_case("resourceGroups")
+        && segment(parts[4], 90)
+        && parts[5].eq_ignore_ascii_case("providers")
+        && parts[6].eq_ignore_ascii_case("Microsoft.ContainerService")
+        && parts[7].eq_ignore_ascii_case("managedClusters")
+        && segment(parts[8], 63);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not an AKS resource id (/subscriptions/<uuid>/resourceGroups/<group>/providers/Microsoft.ContainerService/managedClusters/<name>)"
+        ))
+    }
 }
 
 impl Default for DeployConfig {
@@ -240,6 +286,8 @@ impl Default for DeployConfig {
             dir: None,
             verify_deadline: default_verify_deadline(),
             verify_interval: default_verify_interval(),
+            aks_cluster: None,
+            arm_endpoint: default_arm_endpoint(),
         }
     }
 }
@@ -329,30 +377,6 @@ impl SecurityConfig {
 
 fn default_min_severity() -> SecuritySeverity {
     SecuritySeverity::High
-}
-
-/// Whether `v` is the ARM id of an AKS managed cluster (segment names compared
-/// case-insensitively, as ARM does).
-fn valid_cluster_id(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('/').collect();
-    let segment_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 90
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'(' | b')'))
-    };
-    matches!(
-        parts.as_slice(),
-        ["", subs, sub, rgs, rg, providers, ns, kind, name]
-            if subs.eq_ignore_ascii_case("subscriptions")
-                && segment_ok(sub)
-                && rgs.eq_ignore_ascii_case("resourceGroups")
-                && segment_ok(rg)
-                && providers.eq_ignore_ascii_case("providers")
-                && ns.eq_ignore_ascii_case("Microsoft.ContainerService")
-                && kind.eq_ignore_ascii_case("managedClusters")
-                && segment_ok(name)
-    )
 }
 
 /// `[policy]`.
@@ -648,6 +672,16 @@ impl Config {
                 }
             }
         }
+        if let Some(id) = &config.deploy.aks_cluster {
+            check_aks_cluster_id(id).map_err(|e| invalid(format!("deploy.aks_cluster: {e}")))?;
+        }
+        let arm = &config.deploy.arm_endpoint;
+        let loopback = arm.starts_with("http://127.0.0.1:") || arm.starts_with("http://localhost:");
+        if !(arm.starts_with("https://") || loopback) || arm.len() > 200 {
+            return Err(invalid(format!(
+                "deploy.arm_endpoint: {arm:?} must be an https:// URL"
+            )));
+        }
         for (i, entry) in config.scan.allow.iter().enumerate() {
             if entry.id.is_empty()
                 || entry.id.len() > 100
@@ -685,12 +719,8 @@ impl Config {
         }
         let mut seen_clusters = std::collections::BTreeSet::new();
         for (i, cluster) in config.security.clusters.iter().enumerate() {
-            if !valid_cluster_id(cluster) {
-                return Err(invalid(format!(
-                    "security.clusters[{i}]: {cluster:?} is not an AKS cluster resource id \
-                     (/subscriptions/…/resourceGroups/…/providers/Microsoft.ContainerService/managedClusters/…)"
-                )));
-            }
+            check_aks_cluster_id(cluster)
+                .map_err(|e| invalid(format!("security.clusters[{i}]: {e}")))?;
             if !seen_clusters.insert(cluster.to_ascii_lowercase()) {
                 return Err(invalid(format!(
                     "security.clusters[{i}]: {cluster:?} is listed twice"
@@ -869,13 +899,13 @@ image = "contoso.azurecr.io/web"
         assert!(c.security.clusters.is_empty());
         assert!(!c.apps[0].rollback_on_security_alert);
         let text = format!(
-            "{GOOD}rollback_on_security_alert = true\n\n[security]\nmin_severity = \"medium\"\nclusters = [\"/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]\n"
+            "{GOOD}rollback_on_security_alert = true\n\n[security]\nmin_severity = \"medium\"\nclusters = [\"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]\n"
         );
         let c = Config::parse(&text, "t").expect("parses");
         assert!(c.apps[0].rollback_on_security_alert);
         assert_eq!(c.security.min_severity, SecuritySeverity::Medium);
         assert!(SecuritySeverity::High > SecuritySeverity::Medium);
-        let upper = "/SUBSCRIPTIONS/0000/resourcegroups/RG-PROD/providers/microsoft.containerservice/managedclusters/AKS-PROD";
+        let upper = "/SUBSCRIPTIONS/7D3F2A51-9C4E-4B8A-A1F6-2E5C8B9D0F13/resourcegroups/RG-PROD/providers/microsoft.containerservice/managedclusters/AKS-PROD";
         assert!(c.security.cluster_of(upper).is_some());
         assert!(
             c.security
@@ -883,13 +913,40 @@ image = "contoso.azurecr.io/web"
                 .is_some()
         );
         assert!(c.security.cluster_of(&format!("{upper}2")).is_none());
-        assert!(c.security.cluster_of("/subscriptions/0000").is_none());
+        assert!(
+            c.security
+                .cluster_of("/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13")
+                .is_none()
+        );
         let twice = text.replace(
-            "clusters = [\"/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]",
-            "clusters = [\"/subscriptions/0000/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\", \"/subscriptions/0000/resourcegroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/AKS-prod\"]",
+            "clusters = [\"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]",
+            "clusters = [\"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\", \"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourcegroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/AKS-prod\"]",
         );
         let err = Config::parse(&twice, "t").unwrap_err().to_string();
         assert!(err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn aks_cluster_is_a_resource_id() {
+        let id = "/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod";
+        let text = format!("{GOOD}\n[deploy]\ntarget = \"kubernetes\"\naks_cluster = \"{id}\"\n");
+        let c = Config::parse(&text, "t").expect("parses");
+        assert_eq!(c.deploy.aks_cluster.as_deref(), Some(id));
+        assert_eq!(c.deploy.arm_endpoint, "https://management.azure.com");
+        for bad in [
+            id.replace("aks-prod", "../x"),
+            id.replace("managedClusters", "virtualMachines"),
+            id.replace("00000000-1111", "zz"),
+            format!("{id}/extra"),
+            "aks-prod".into(),
+        ] {
+            let text = format!("{GOOD}\n[deploy]\naks_cluster = \"{bad}\"\n");
+            let err = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(err.contains("deploy.aks_cluster"), "{bad}: {err}");
+        }
+        let text = format!("{GOOD}\n[deploy]\narm_endpoint = \"http://evil.example\"\n");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("deploy.arm_endpoint"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub enum SourceKind {
     Github,
     /// An image pushed to the registry without a matching push.
     Registry,
+    /// An operator's or a security alert's rollback to an earlier good
+    /// version ([`Run::rollback`] says which and who asked).
+    Rollback,
 }
 
 /// Where the change came from.
@@ -268,6 +271,10 @@ pub struct Run {
     /// Last change.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Set on a rollback run: the earlier run whose image and gate verdicts it
+    /// deploys again, and who asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackOf>,
     /// Defender for Cloud security alerts about this run's digest, each once
     /// (by key), oldest first. Omitted from the JSON when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -293,6 +300,21 @@ pub struct SecurityAlertRef {
     pub recorded_at: OffsetDateTime,
 }
 
+/// What a rollback run re-deploys and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackOf {
+    /// The run whose digest passed both gates; its manifests are rendered
+    /// again exactly as that run rendered them (same provenance), so their
+    /// hash matches what its policy gate checked.
+    pub run_id: RunId,
+    /// Who asked: an API token name, an App Service principal, or
+    /// `defender:<alert>` for an automatic rollback.
+    pub requested_by: String,
+    /// Why, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 impl Run {
     /// A new run in `status` created at `now`.
     pub fn new(
@@ -311,6 +333,7 @@ impl Run {
             steps: BTreeMap::new(),
             created_at: now,
             updated_at: now,
+            rollback: None,
             security_alerts: Vec::new(),
         }
     }

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod envelope;
 pub mod http_error;
+pub mod rollback;
 pub mod signature;
 pub mod steps;
 
