@@ -40,6 +40,7 @@ use gantry_pipeline::runs::blobs;
 use gantry_pipeline::{
     Alert, AppConfig, AppName, AuditEntry, Digest, PipelineError, RunId, SecurityAlertRef, Severity,
 };
+use gantry_runtime::rollback::{RollbackError, RollbackRequest};
 use gantry_runtime::steps::rfc3339;
 use gantry_runtime::{Deps, Done, FromMessage, Function, FunctionError, Invocation};
 use serde_json::{Value, json};
@@ -92,6 +93,17 @@ pub enum SecurityEventError {
         /// Cause.
         source: BusError,
     },
+    /// Starting the opted-in rollback failed for a reason that may pass
+    /// (a refusal, such as no previous good version, is recorded instead).
+    #[error("rolling back {app} for Defender event {key} failed: {source}")]
+    Rollback {
+        /// The event's key.
+        key: String,
+        /// The app.
+        app: AppName,
+        /// Cause.
+        source: RollbackError,
+    },
 }
 
 impl FunctionError for SecurityEventError {
@@ -99,6 +111,7 @@ impl FunctionError for SecurityEventError {
         match self {
             SecurityEventError::Record { source, .. } => source.is_transient(),
             SecurityEventError::Alert { source, .. } => source.is_transient(),
+            SecurityEventError::Rollback { source, .. } => source.is_transient(),
         }
     }
 }
@@ -520,10 +533,27 @@ async fn record_for_app(
         deps,
         obs,
         &name,
+        ALERTED,
         &format!("security:{}:{}", obs.key, app.name),
         &alert,
     )
     .await?;
+
+    // Opt-in: the digest just blocked is the one running, so blocking alone
+    // leaves it running. Roll back to the previous good digest (through the
+    // deploy step, like an operator's rollback).
+    let mut rolled_back = None;
+    if app.rollback_on_security_alert && !blocked.is_empty() {
+        let running = deployed(deps, &app.name)
+            .await
+            .map_err(record_err)?
+            .current
+            .filter(|c| blocked.contains(&c.digest));
+        if let Some(current) = running {
+            rolled_back =
+                Some(rollback_once(deps, obs, app, &name, &current.digest, &reason).await?);
+        }
+    }
 
     let mut outcome = format!("{} ({})", app.name, correlation.reasons.join("; "));
     if !blocked.is_empty() {
@@ -536,7 +566,164 @@ async fn record_for_app(
                 .join(", ")
         ));
     }
+    if let Some(what) = rolled_back {
+        outcome.push_str(&format!("; {what}"));
+    }
     Ok(outcome)
+}
+
+/// Record field saying the event's alert was sent.
+const ALERTED: &str = "alerted_at";
+/// Record field saying the rollback's alert was sent.
+const ROLLBACK_ALERTED: &str = "rollback_alerted_at";
+/// How many of an app's newest runs are searched for a rollback this event
+/// already started (a crash between starting it and recording it).
+const ROLLBACK_SEARCH: usize = 50;
+
+/// Starts the rollback of `app` away from `digest` once per event: the
+/// record's `rollback` field says it was started (or refused), and a rollback
+/// run this event's principal already created is found before another is.
+async fn rollback_once(
+    deps: &Deps,
+    obs: &Observation,
+    app: &AppConfig,
+    record: &str,
+    digest: &Digest,
+    reason: &str,
+) -> Result<String, SecurityEventError> {
+    let record_err = |source: PipelineError| SecurityEventError::Record {
+        key: obs.key.clone(),
+        source,
+    };
+    let principal = format!("defender:{}", obs.alert_id);
+    let recorded = deps
+        .runs
+        .raw()
+        .get(record)
+        .await
+        .map_err(|e| record_err(e.into()))?
+        .and_then(|v| serde_json::from_slice::<Value>(&v.body).ok())
+        .and_then(|v| v.get("rollback").cloned())
+        .filter(|v| !v.is_null());
+    let outcome = match recorded {
+        Some(outcome) => outcome,
+        None => {
+            let outcome = match started_by(deps, &app.name, &principal)
+                .await
+                .map_err(record_err)?
+            {
+                Some(run) => rollback_outcome(&run),
+                None => match gantry_runtime::rollback::start(
+                    deps,
+                    RollbackRequest {
+                        app: &app.name,
+                        digest: None,
+                        requested_by: &principal,
+                        reason: Some(reason),
+                    },
+                )
+                .await
+                {
+                    Ok(run) => rollback_outcome(&run),
+                    Err(e) if e.is_transient() => {
+                        return Err(SecurityEventError::Rollback {
+                            key: obs.key.clone(),
+                            app: app.name.clone(),
+                            source: e,
+                        });
+                    }
+                    // No previous good version, or it is blocked too: nothing
+                    // to roll back to. The digest stays blocked and running;
+                    // the alert says so.
+                    Err(e) => json!({"from": digest, "refused": e.to_string()}),
+                },
+            };
+            deps.runs
+                .update_json::<Value, _>(record, |v| {
+                    let Some(obj) = v.as_object_mut() else {
+                        return Ok(false);
+                    };
+                    if obj.get("rollback").is_some_and(|r| !r.is_null()) {
+                        return Ok(false);
+                    }
+                    obj.insert("rollback".into(), outcome.clone());
+                    Ok(true)
+                })
+                .await
+                .map_err(record_err)?;
+            outcome
+        }
+    };
+    let refused = outcome.get("refused").and_then(Value::as_str);
+    let text = match (refused, outcome.get("run_id").and_then(Value::as_str)) {
+        (Some(why), _) => format!("rollback refused: {why}"),
+        (None, Some(run)) => format!(
+            "rolling back from {digest} to {} (run {run})",
+            outcome.get("to").and_then(Value::as_str).unwrap_or("?")
+        ),
+        (None, None) => "rollback recorded".to_string(),
+    };
+    let mut alert = Alert::new(
+        if refused.is_some() {
+            "security-rollback-refused"
+        } else {
+            "security-rollback"
+        },
+        Severity::High,
+        format!(
+            "{}: {text} after Defender {} {}",
+            app.name, obs.kind, obs.alert_id
+        ),
+    );
+    alert.app = Some(app.name.clone());
+    alert.digest = Some(digest.clone());
+    alert.run_id = outcome
+        .get("run_id")
+        .and_then(Value::as_str)
+        .and_then(|r| RunId::parse(r).ok());
+    alert.step = Some(BLOCK_STEP.into());
+    alert.detail =
+        json!({"alert_id": obs.alert_id, "key": obs.key, "record": record, "rollback": outcome});
+    alert_once(
+        deps,
+        obs,
+        record,
+        ROLLBACK_ALERTED,
+        &format!("security:{}:{}:rb", obs.key, app.name),
+        &alert,
+    )
+    .await?;
+    Ok(text)
+}
+
+/// A rollback run of `app` that `principal` asked for and that did not fail
+/// to start, among the newest runs.
+async fn started_by(
+    deps: &Deps,
+    app: &AppName,
+    principal: &str,
+) -> Result<Option<gantry_pipeline::Run>, PipelineError> {
+    let ids = deps.runs.list_ids(Some(app)).await?;
+    for (_, id) in ids.into_iter().rev().take(ROLLBACK_SEARCH) {
+        if let Some(run) = deps.runs.get(app, &id).await?
+            && run
+                .rollback
+                .as_ref()
+                .is_some_and(|r| r.requested_by == principal)
+            && run.status != gantry_pipeline::RunStatus::Failed
+        {
+            return Ok(Some(run));
+        }
+    }
+    Ok(None)
+}
+
+fn rollback_outcome(run: &gantry_pipeline::Run) -> Value {
+    json!({
+        "run_id": run.id,
+        "to": run.image.as_ref().map(|i| &i.digest),
+        "of_run": run.rollback.as_ref().map(|r| &r.run_id),
+    })
 }
 
 /// Records an event that maps to no app, and alerts once.
@@ -592,6 +779,7 @@ async fn record_unmatched(deps: &Deps, obs: &Observation) -> Result<(), Security
         deps,
         obs,
         &name,
+        ALERTED,
         &format!("security:{}:unmatched", obs.key),
         &alert,
     )
@@ -621,13 +809,14 @@ async fn create_json(deps: &Deps, name: &str, value: &Value) -> Result<bool, Pip
     }
 }
 
-/// Sends `alert` unless the record at `record` says it was sent, then marks
-/// the record. The MessageId covers a crash between the two (within the
-/// broker's duplicate window); the mark covers redeliveries after it.
+/// Sends `alert` unless the record at `record` has `field` set, then sets it.
+/// The MessageId covers a crash between the two (within the broker's
+/// duplicate window); the field covers redeliveries after it.
 async fn alert_once(
     deps: &Deps,
     obs: &Observation,
     record: &str,
+    field: &str,
     message_id: &str,
     alert: &Alert,
 ) -> Result<(), SecurityEventError> {
@@ -643,7 +832,7 @@ async fn alert_once(
         .map_err(|e| record_err(e.into()))?;
     let alerted = current
         .and_then(|v| serde_json::from_slice::<Value>(&v.body).ok())
-        .is_some_and(|v| v.get("alerted_at").is_some_and(|a| !a.is_null()));
+        .is_some_and(|v| v.get(field).is_some_and(|a| !a.is_null()));
     if alerted {
         return Ok(());
     }
@@ -661,10 +850,10 @@ async fn alert_once(
             let Some(obj) = v.as_object_mut() else {
                 return Ok(false); // absent (or not an object): nothing to mark
             };
-            if obj.get("alerted_at").is_some_and(|a| !a.is_null()) {
+            if obj.get(field).is_some_and(|a| !a.is_null()) {
                 return Ok(false);
             }
-            obj.insert("alerted_at".into(), Value::String(now.clone()));
+            obj.insert(field.into(), Value::String(now.clone()));
             Ok(true)
         })
         .await

@@ -86,6 +86,8 @@ impl MessageBus for FlakyBus {
 struct Setup {
     min_severity: &'static str,
     clusters: Vec<&'static str>,
+    /// `rollback_on_security_alert` of web.
+    rollback: bool,
 }
 
 impl Default for Setup {
@@ -93,6 +95,7 @@ impl Default for Setup {
         Setup {
             min_severity: "high",
             clusters: vec![AKS],
+            rollback: false,
         }
     }
 }
@@ -129,9 +132,11 @@ impl Harness {
         let deploy_dir = dir.path().join("deploy");
         let clusters: Vec<String> = setup.clusters.iter().map(|c| format!("{c:?}")).collect();
         let text = format!(
-            "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n\n\
+            "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n\
+             rollback_on_security_alert = {}\n\n\
              [[apps]]\nname = \"api\"\nrepo = \"contoso/api\"\nimage = \"contoso.azurecr.io/api\"\n\n\
              [security]\nmin_severity = {:?}\nclusters = [{}]\n\n[deploy]\ndir = {:?}\n",
+            setup.rollback,
             setup.min_severity,
             clusters.join(", "),
             deploy_dir.display().to_string()
@@ -244,6 +249,52 @@ impl Harness {
             .claim_digest(&run.app, &Digest::parse(digest)?, &run.id)
             .await?;
         Ok(run)
+    }
+
+    /// A run from [`Harness::run_for`] whose scan and policy gates passed
+    /// (the policy with the hash of the manifests rendered now).
+    async fn gated_run(&self, app: &str, digest: &str, status: RunStatus) -> Result<Run> {
+        let mut run = self.run_for(app, digest, status).await?;
+        let now = OffsetDateTime::now_utc();
+        run.steps.insert(
+            "scan".into(),
+            Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
+        );
+        let hash = self.render(&run)?.hash;
+        run.steps.insert(
+            "policy".into(),
+            Step {
+                details: json!({"manifest_hash": hash, "violations": []}),
+                ..Step::finished(StepStatus::Passed, now, "no violations")
+            },
+        );
+        let steps = run.steps.clone();
+        self.runs
+            .update(&run.app, &run.id, |r| {
+                r.steps = steps.clone();
+                Ok(true)
+            })
+            .await?;
+        Ok(run)
+    }
+
+    /// `apps/{app}/deployed.json` naming `current` and `previous`.
+    async fn deployed(&self, current: &Run, previous: Option<&Run>) -> Result<()> {
+        let version = |run: &Run| -> Result<DeployedVersion> {
+            Ok(DeployedVersion {
+                digest: run.image.as_ref().context("image")?.digest.clone(),
+                run_id: run.id.clone(),
+                manifest_hash: self.render(run)?.hash,
+            })
+        };
+        let deployed = Deployed {
+            current: Some(version(current)?),
+            previous: previous.map(version).transpose()?,
+        };
+        self.runs
+            .put_json(&format!("apps/{}/deployed.json", current.app), &deployed)
+            .await?;
+        Ok(())
     }
 
     async fn run(&self, run: &Run) -> Result<Run> {
@@ -500,6 +551,10 @@ async fn pascal_alert_correlates_by_namespace_and_digest_and_blocks_it() -> Resu
     assert_eq!(alerts[0].1["digest"], WEB);
     assert_eq!(alerts[0].1["run_id"], web.id.to_string());
     assert_eq!(h.audit("security.alert-recorded").await?.len(), 1);
+    assert!(
+        h.bus.peek("deploy").await.is_empty(),
+        "no rollback without the opt-in"
+    );
     Ok(())
 }
 
@@ -827,5 +882,121 @@ async fn blocked_digest_is_refused_by_the_deploy_gate() -> Result<()> {
     assert_eq!(stored.status, RunStatus::Blocked);
     assert_eq!(stored.steps["deploy"].status, StepStatus::Blocked);
     assert!(!h.deploy_dir.join("web").exists(), "nothing deployed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn opted_in_app_rolls_back_to_the_previous_good_digest_once() -> Result<()> {
+    let h = Harness::new(Setup {
+        rollback: true,
+        ..Setup::default()
+    })
+    .await?;
+    let old = h.gated_run("web", OLD, RunStatus::Deployed).await?;
+    let current = h.gated_run("web", WEB, RunStatus::Deployed).await?;
+    h.deployed(&current, Some(&old)).await?;
+    let body = sample(PASCAL)?;
+    let line = h.deliver_ok(&body).await?;
+    assert!(line.contains("rolling back"), "{line}");
+    let key = key_of(&sample_json(PASCAL)?);
+    let alert_id = "2517493845712345678_4f9c2d1e-8b7a-4c3d-9e2f-1a0b3c4d5e6f";
+
+    assert!(h.blob(&format!("apps/web/blocked/{WEB}")).await?.is_some());
+    let record = h
+        .blob(&format!("apps/web/security/{key}.json"))
+        .await?
+        .context("record")?;
+    let rollback_id = record["rollback"]["run_id"]
+        .as_str()
+        .with_context(|| format!("no rollback recorded: {record}"))?;
+    assert_eq!(record["rollback"]["to"], OLD);
+    let rollback = h
+        .runs
+        .find(&gantry_pipeline::RunId::parse(rollback_id)?)
+        .await?
+        .context("rollback run")?;
+    assert_eq!(rollback.status, RunStatus::Deploying);
+    assert_eq!(
+        rollback.image.as_ref().map(|i| i.digest.as_str()),
+        Some(OLD)
+    );
+    let of = rollback.rollback.as_ref().context("not a rollback run")?;
+    assert_eq!(of.requested_by, format!("defender:{alert_id}"));
+    assert_eq!(of.run_id, old.id);
+
+    let deploys = h.bus.peek("deploy").await;
+    assert_eq!(deploys.len(), 1, "{deploys:#?}");
+    assert_eq!(deploys[0].message_id, format!("{rollback_id}:deploy:1"));
+    let alerts = h.alerts().await?;
+    let ids: Vec<&str> = alerts.iter().map(|(m, _)| m.message_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            format!("security:{key}:web"),
+            format!("security:{key}:web:rb")
+        ]
+    );
+    assert_eq!(alerts[1].1["kind"], "security-rollback");
+    assert_eq!(alerts[1].1["severity"], "high");
+
+    // Redelivered: no second rollback run, deploy message or alert.
+    let before = h.snapshot().await?;
+    let (status, line) = h.deliver(&body, 2).await?;
+    assert_eq!(status, StatusCode::OK, "{line}");
+    assert_eq!(h.snapshot().await?, before);
+    assert_eq!(h.bus.peek("deploy").await.len(), 1);
+    assert_eq!(h.alerts().await?.len(), 2);
+
+    // The deploy step then deploys the previous good digest.
+    let envelope = gantry_runtime::envelope::host_request_for_message(
+        "message",
+        false,
+        deploys[0].body.as_bytes(),
+        &deploys[0].message_id,
+        1,
+        deploys[0].session_id.as_deref(),
+        "2026-11-27T07:30:00.1234567Z",
+        &BTreeMap::new(),
+    );
+    let (status, line) = h.post("/deploy", &envelope).await?;
+    assert_eq!(status, StatusCode::OK, "{line}");
+    let deployed: Deployed = serde_json::from_value(
+        h.blob("apps/web/deployed.json")
+            .await?
+            .context("deployed.json")?,
+    )?;
+    let now = deployed.current.context("current")?;
+    assert_eq!(now.digest.as_str(), OLD, "{line}");
+    assert_eq!(now.run_id.as_str(), rollback_id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn opted_in_rollback_without_a_target_is_refused_and_alerted() -> Result<()> {
+    let h = Harness::new(Setup {
+        rollback: true,
+        ..Setup::default()
+    })
+    .await?;
+    let current = h.gated_run("web", WEB, RunStatus::Deployed).await?;
+    h.deployed(&current, None).await?;
+    let line = h.deliver_ok(&sample(PASCAL)?).await?;
+    assert!(line.contains("rollback refused"), "{line}");
+    let key = key_of(&sample_json(PASCAL)?);
+    let record = h
+        .blob(&format!("apps/web/security/{key}.json"))
+        .await?
+        .context("record")?;
+    assert!(
+        record["rollback"]["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("no previous good version")),
+        "{record}"
+    );
+    assert!(h.blob(&format!("apps/web/blocked/{WEB}")).await?.is_some());
+    assert!(h.bus.peek("deploy").await.is_empty());
+    let alerts = h.alerts().await?;
+    assert_eq!(alerts.len(), 2);
+    assert_eq!(alerts[1].1["kind"], "security-rollback-refused");
     Ok(())
 }
