@@ -103,7 +103,7 @@ impl Default for Setup {
 struct Harness {
     _dir: tempfile::TempDir,
     deploy_dir: PathBuf,
-    store: Arc<FsStore>,
+    store: Arc<dyn StateStore>,
     bus: EmbeddedBus,
     flaky: Arc<FlakyBus>,
     runs: RunStore,
@@ -113,9 +113,32 @@ struct Harness {
 }
 
 impl Harness {
+    /// On the embedded on-disk store.
     async fn new(setup: Setup) -> Result<Harness> {
         let dir = tempfile::tempdir()?;
-        let store = Arc::new(FsStore::open(dir.path().join("store"))?);
+        let store: Arc<dyn StateStore> = Arc::new(FsStore::open(dir.path().join("store"))?);
+        Harness::on(setup, dir, store).await
+    }
+
+    /// On Blob Storage (Azurite, a fresh container): real ETags and
+    /// conditional requests.
+    async fn azurite(setup: Setup) -> Result<Harness> {
+        let azurite = gantry_testkit::Azurite::shared().context("Azurite is required")?;
+        let store = gantry_store::blob::BlobStore::connect(
+            &azurite.connection_string(),
+            &gantry_testkit::unique_name("sec"),
+            None,
+        )?
+        .with_timeout(Duration::from_secs(20));
+        store.ensure_container().await?;
+        Harness::on(setup, tempfile::tempdir()?, Arc::new(store)).await
+    }
+
+    async fn on(
+        setup: Setup,
+        dir: tempfile::TempDir,
+        store: Arc<dyn StateStore>,
+    ) -> Result<Harness> {
         let bus = EmbeddedBus::open(
             dir.path().join("bus"),
             QueueOptions {
@@ -745,7 +768,15 @@ async fn uncorrelated_alert_is_recorded_and_alerted_once() -> Result<()> {
 
 #[tokio::test]
 async fn duplicate_delivery_changes_nothing_twice() -> Result<()> {
-    let h = Harness::new(Setup::default()).await?;
+    duplicate_delivery(Harness::new(Setup::default()).await?).await
+}
+
+#[tokio::test]
+async fn duplicate_delivery_changes_nothing_twice_on_blob_storage() -> Result<()> {
+    duplicate_delivery(Harness::azurite(Setup::default()).await?).await
+}
+
+async fn duplicate_delivery(h: Harness) -> Result<()> {
     h.run_for("web", WEB, RunStatus::Deployed).await?;
     h.run_for("api", API, RunStatus::Deployed).await?;
     let batch = serde_json::to_vec(&json!([
@@ -887,11 +918,23 @@ async fn blocked_digest_is_refused_by_the_deploy_gate() -> Result<()> {
 
 #[tokio::test]
 async fn opted_in_app_rolls_back_to_the_previous_good_digest_once() -> Result<()> {
-    let h = Harness::new(Setup {
+    let setup = Setup {
         rollback: true,
         ..Setup::default()
-    })
-    .await?;
+    };
+    rollback_once(Harness::new(setup).await?).await
+}
+
+#[tokio::test]
+async fn opted_in_rollback_happens_once_on_blob_storage() -> Result<()> {
+    let setup = Setup {
+        rollback: true,
+        ..Setup::default()
+    };
+    rollback_once(Harness::azurite(setup).await?).await
+}
+
+async fn rollback_once(h: Harness) -> Result<()> {
     let old = h.gated_run("web", OLD, RunStatus::Deployed).await?;
     let current = h.gated_run("web", WEB, RunStatus::Deployed).await?;
     h.deployed(&current, Some(&old)).await?;
