@@ -66,6 +66,18 @@ async fn defender_alerts_correlate_block_and_record_through_gantry_dev() -> Resu
         "{:#?}",
         runs[0]
     );
+    let shown = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(["runs", "show"])
+        .arg(run["id"].as_str().unwrap_or_default())
+        .arg("--state")
+        .arg(&host.state)
+        .env_remove("GANTRY_STORAGE")
+        .output()?;
+    let shown = String::from_utf8(shown.stdout)?;
+    assert!(
+        shown.contains("Digital currency mining related behavior detected  [digest blocked]"),
+        "{shown}"
+    );
 
     // Uncorrelated (a cluster gantry does not manage): recorded, not dropped.
     let other = example("defender/alert-uncorrelated.pascal.json");
