@@ -15,6 +15,7 @@ pub fn all() -> Vec<Function> {
         fn_policy_enforce::function(),
         fn_deploy::function(),
         fn_alert::function(),
+        fn_security_event::function(),
     ]
 }
 

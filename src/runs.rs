@@ -620,5 +620,21 @@ pub fn show(run: &Run) -> String {
             ));
         }
     }
+    if !run.security_alerts.is_empty() {
+        out.push_str(
+            "security
+",
+        );
+        for a in &run.security_alerts {
+            out.push_str(&format!(
+                "  {:<13} {}{}  ({})
+",
+                a.severity.as_str(),
+                a.name,
+                if a.blocked { "  [digest blocked]" } else { "" },
+                a.key
+            ));
+        }
+    }
     out
 }

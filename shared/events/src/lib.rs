@@ -6,6 +6,7 @@
 //! malformed event fails here with an error naming the field.
 
 pub mod acr;
+pub mod defender;
 pub mod github;
 
 /// Why an event could not be decoded.

@@ -29,6 +29,9 @@ pub struct Config {
     /// Notification channels and routes (`[alerts]`).
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Defender for Cloud security alerts (`[security]`).
+    #[serde(default)]
+    pub security: SecurityConfig,
     /// Directory of the configuration file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -419,6 +422,35 @@ impl ChannelKind {
     }
 }
 
+/// Severity of a Defender for Cloud security alert, ordered (Defender's four
+/// levels: `Informational`, `Low`, `Medium`, `High`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SecuritySeverity {
+    /// Informational.
+    Informational,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+}
+
+impl SecuritySeverity {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecuritySeverity::Informational => "informational",
+            SecuritySeverity::Low => "low",
+            SecuritySeverity::Medium => "medium",
+            SecuritySeverity::High => "high",
+        }
+    }
+}
+
 /// `[[alerts.channels]]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -576,6 +608,52 @@ impl AlertsConfig {
         }
         Ok(())
     }
+}
+
+/// `[security]`: how Defender for Cloud alerts (queue `security-events`) act.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// At or above this severity an alert naming an image digest blocks that
+    /// digest and alerts high (default `high`).
+    #[serde(default = "default_security_min_severity")]
+    pub min_severity: SecuritySeverity,
+    /// ARM ids of the AKS clusters gantry deploys to
+    /// (`/subscriptions/…/resourceGroups/…/providers/Microsoft.ContainerService/managedClusters/…`),
+    /// compared case-insensitively as ARM ids are. An alert correlates to an
+    /// app by namespace only when it names one of these clusters.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            min_severity: default_security_min_severity(),
+            clusters: Vec::new(),
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// The configured cluster that `resource_id` is, or lies under (a node
+    /// pool, an extension), compared case-insensitively.
+    pub fn cluster_of(&self, resource_id: &str) -> Option<&str> {
+        let id = resource_id.trim().trim_end_matches('/');
+        self.clusters
+            .iter()
+            .map(|c| c.trim_end_matches('/'))
+            .find(|c| {
+                id.len() >= c.len()
+                    && id.is_char_boundary(c.len())
+                    && id[..c.len()].eq_ignore_ascii_case(c)
+                    && (id.len() == c.len() || id.as_bytes()[c.len()] == b'/')
+            })
+    }
+}
+
+fn default_security_min_severity() -> SecuritySeverity {
+    SecuritySeverity::High
 }
 
 /// `[policy]`.
@@ -749,6 +827,11 @@ pub struct AppConfig {
     /// Key Vault / Kubernetes secrets, not in gantry.toml).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Whether a Defender alert at or above `[security] min_severity` about
+    /// the digest this app runs rolls the app back to its previous good
+    /// digest (through the deploy step). Opt-in: default `false`.
+    #[serde(default)]
+    pub rollback_on_security_alert: bool,
 }
 
 fn default_branches() -> Vec<String> {
@@ -912,6 +995,16 @@ impl Config {
             ));
         }
         config.alerts.validate(&config).map_err(invalid)?;
+        let mut seen_clusters = std::collections::BTreeSet::new();
+        for (i, cluster) in config.security.clusters.iter().enumerate() {
+            check_aks_cluster_id(cluster)
+                .map_err(|e| invalid(format!("security.clusters[{i}]: {e}")))?;
+            if !seen_clusters.insert(cluster.to_ascii_lowercase()) {
+                return Err(invalid(format!(
+                    "security.clusters[{i}]: {cluster:?} is listed twice"
+                )));
+            }
+        }
         Ok(config)
     }
 
@@ -1078,6 +1171,40 @@ image = "contoso.azurecr.io/web"
     }
 
     #[test]
+    fn security_section() {
+        let c = Config::parse(GOOD, "t").expect("parses");
+        assert_eq!(c.security.min_severity, SecuritySeverity::High);
+        assert!(c.security.clusters.is_empty());
+        assert!(!c.apps[0].rollback_on_security_alert);
+        let text = format!(
+            "{GOOD}rollback_on_security_alert = true\n\n[security]\nmin_severity = \"medium\"\nclusters = [\"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]\n"
+        );
+        let c = Config::parse(&text, "t").expect("parses");
+        assert!(c.apps[0].rollback_on_security_alert);
+        assert_eq!(c.security.min_severity, SecuritySeverity::Medium);
+        assert!(SecuritySeverity::High > SecuritySeverity::Medium);
+        let upper = "/SUBSCRIPTIONS/7D3F2A51-9C4E-4B8A-A1F6-2E5C8B9D0F13/resourcegroups/RG-PROD/providers/microsoft.containerservice/managedclusters/AKS-PROD";
+        assert!(c.security.cluster_of(upper).is_some());
+        assert!(
+            c.security
+                .cluster_of(&format!("{upper}/agentPools/np1"))
+                .is_some()
+        );
+        assert!(c.security.cluster_of(&format!("{upper}2")).is_none());
+        assert!(
+            c.security
+                .cluster_of("/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13")
+                .is_none()
+        );
+        let twice = text.replace(
+            "clusters = [\"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\"]",
+            "clusters = [\"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod\", \"/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourcegroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/AKS-prod\"]",
+        );
+        let err = Config::parse(&twice, "t").unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
     fn aks_cluster_is_a_resource_id() {
         let id = "/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod";
         let text = format!("{GOOD}\n[deploy]\ntarget = \"kubernetes\"\naks_cluster = \"{id}\"\n");
@@ -1192,6 +1319,28 @@ image = "contoso.azurecr.io/web"
             ),
             (format!("{GOOD}health_path = \"healthz\"\n"), "health_path"),
             (format!("{GOOD}[policy]\nfolders = \"p\"\n"), "folders"),
+            (
+                format!("{GOOD}[security]\nmin_severity = \"critical\"\n"),
+                "min_severity",
+            ),
+            (
+                format!("{GOOD}[security]\nclusters = [\"aks-prod\"]\n"),
+                "security.clusters[0]",
+            ),
+            (
+                format!(
+                    "{GOOD}[security]\nclusters = [\"/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm\"]\n"
+                ),
+                "security.clusters[0]",
+            ),
+            (
+                format!("{GOOD}[security]\nmin_severty = \"high\"\n"),
+                "min_severty",
+            ),
+            (
+                format!("{GOOD}rollback_on_security_alerts = true\n"),
+                "rollback_on_security_alerts",
+            ),
         ] {
             let err = Config::parse(&bad, "g").unwrap_err().to_string();
             assert!(err.contains(key), "expected {key:?} in {err}");

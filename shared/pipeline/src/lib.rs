@@ -16,7 +16,7 @@ pub use error::PipelineError;
 pub use messages::{Alert, Severity, StepRequest};
 pub use names::{AppName, CommitSha, Digest, NameError, RunId};
 pub use run::{
-    Image, Notification, NotificationOutcome, Retrigger, RollbackOf, Run, RunStatus, Source,
-    SourceKind, Step, StepStatus,
+    Image, Notification, NotificationOutcome, Retrigger, RollbackOf, Run, RunStatus,
+    SecurityAlertRef, Source, SourceKind, Step, StepStatus,
 };
 pub use runs::{AuditEntry, ClaimSource, RunStore};

@@ -158,6 +158,28 @@ pub fn event_key(id: &str) -> String {
     }
 }
 
+/// The key of a Defender alert in blob names and MessageIds
+/// (`apps/{app}/security/{key}.json`): the id itself when it is already
+/// `[a-z0-9-]`, at most 50 characters and not starting with `h-`; otherwise
+/// `h-` and the first 40 hex digits (160 bits) of its SHA-256. Exact (no case
+/// folding), so two different ids never share a key, and short enough that
+/// `security:{key}:{app}` fits Service Bus's 128-character MessageId.
+pub fn security_key(id: &str) -> String {
+    use sha2::Digest as _;
+    if !id.is_empty()
+        && id.len() <= 50
+        && !id.starts_with("h-")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        id.to_string()
+    } else {
+        let hash = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+        format!("h-{}", &hash[..40])
+    }
+}
+
 /// Is `v` a plausible abbreviated commit sha (7–40 lowercase hex digits)?
 pub fn is_short_sha(v: &str) -> bool {
     (7..=40).contains(&v.len()) && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -209,6 +231,17 @@ mod tests {
     fn deserialize_validates() {
         let err = serde_json::from_str::<AppName>("\"../etc\"").unwrap_err();
         assert!(err.to_string().contains("invalid app name"), "{err}");
+    }
+
+    #[test]
+    fn security_keys_are_safe_and_exact() {
+        assert_eq!(security_key("abc-123"), "abc-123");
+        let k = security_key("2517538088322968242_44b3c5a1-2c8e-4d0b-9b11-5a7f0c3e9d21");
+        assert!(k.starts_with("h-") && k.len() == 42, "{k}");
+        assert_ne!(security_key("ABC"), security_key("abc"));
+        assert_ne!(security_key("h-x"), "h-x");
+        assert!(security_key("../x").starts_with("h-"));
+        assert!(security_key("").starts_with("h-"));
     }
 
     #[test]

@@ -285,6 +285,29 @@ pub struct Run {
     /// Absent from the JSON until the first retrigger.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retriggers: Vec<Retrigger>,
+    /// Defender for Cloud security alerts about this run's digest, each once
+    /// (by key), oldest first. Omitted from the JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_alerts: Vec<SecurityAlertRef>,
+}
+
+/// A Defender for Cloud alert recorded on a run (the full record is at
+/// `apps/{app}/security/{key}.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityAlertRef {
+    /// The record's key: the alert id itself when it is `[a-z0-9-]`, else a hash.
+    pub key: String,
+    /// Defender's alert id (`SystemAlertId`) or sub-assessment id.
+    pub alert_id: String,
+    /// Alert display name or vulnerability title.
+    pub name: String,
+    /// `informational`, `low`, `medium`, `high`.
+    pub severity: crate::config::SecuritySeverity,
+    /// Whether the alert blocked the run's digest.
+    pub blocked: bool,
+    /// When gantry recorded it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub recorded_at: OffsetDateTime,
 }
 
 /// What a rollback run re-deploys and why.
@@ -385,6 +408,7 @@ impl Run {
             rollback: None,
             notifications: Vec::new(),
             retriggers: Vec::new(),
+            security_alerts: Vec::new(),
         }
     }
 
@@ -450,6 +474,10 @@ mod tests {
         }
         assert_eq!(value["source"]["ref"], "refs/heads/main");
         assert_eq!(value["created_at"], "2023-11-14T22:13:20Z");
+        assert!(
+            value.get("security_alerts").is_none(),
+            "empty security alerts are omitted"
+        );
         let back: Run = serde_json::from_value(value).expect("deserialises");
         assert_eq!(back, run);
     }

@@ -52,6 +52,15 @@ pub mod blobs {
     pub fn blocked(app: &AppName, digest: &Digest) -> String {
         format!("apps/{app}/blocked/{digest}")
     }
+    /// `apps/{app}/security/{key}.json`: a Defender alert about the app
+    /// (`key` from `security_key`, never raw outside text).
+    pub fn security(app: &AppName, key: &str) -> String {
+        format!("apps/{app}/security/{key}.json")
+    }
+    /// `security/unmatched/{key}.json`: a Defender alert that names no app.
+    pub fn security_unmatched(key: &str) -> String {
+        format!("security/unmatched/{key}.json")
+    }
     /// `audit/{yyyy-mm-dd}.jsonl`
     pub fn audit(at: OffsetDateTime) -> String {
         let d = at.date();

@@ -484,7 +484,7 @@ fn row_findings(row: &Row) -> Vec<Finding> {
     let empty = Value::Null;
     let data = row.additional_data.as_ref().unwrap_or(&empty);
     let text = |pointer: &str| {
-        data.pointer(pointer)
+        pointer_ci(data, pointer)
             .and_then(Value::as_str)
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -494,12 +494,11 @@ fn row_findings(row: &Row) -> Vec<Finding> {
     let ids: Vec<String> = if let Some(cve) = text("/vulnerabilityDetails/cveId") {
         vec![cve]
     } else {
-        let listed: Vec<String> = data
-            .pointer("/cve")
+        let listed: Vec<String> = pointer_ci(data, "/cve")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .filter_map(|c| c.get("title").and_then(Value::as_str))
+            .filter_map(|c| pointer_ci(c, "/title").and_then(Value::as_str))
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(str::to_string)
@@ -527,7 +526,7 @@ fn row_findings(row: &Row) -> Vec<Finding> {
 
     let fix_available = text("/softwareDetails/fixStatus")
         .is_some_and(|s| s.eq_ignore_ascii_case("FixAvailable"))
-        || data.pointer("/patchable").and_then(Value::as_bool) == Some(true);
+        || pointer_ci(data, "/patchable").and_then(Value::as_bool) == Some(true);
     let fixed_version = text("/softwareDetails/fixedVersion").or_else(|| {
         fix_available.then(|| {
             text("/softwareDetails/fixReference/id")
@@ -553,6 +552,60 @@ fn row_findings(row: &Row) -> Vec<Finding> {
             title: title.clone(),
         })
         .collect()
+}
+
+/// A sub-assessment as Defender exports it outside Resource Graph (workflow
+/// automation, continuous export): the fields [`query_for`] projects, read by
+/// the caller from `properties` in whatever casing they came.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubAssessmentFields<'a> {
+    /// ARM id of the sub-assessment.
+    pub id: Option<&'a str>,
+    /// `properties.id`: the vulnerability id.
+    pub vuln_id: Option<&'a str>,
+    /// `properties.status.code`: `Healthy`, `Unhealthy`, `NotApplicable`.
+    pub status_code: Option<&'a str>,
+    /// `properties.status.severity`.
+    pub status_severity: Option<&'a str>,
+    /// `properties.displayName`.
+    pub display_name: Option<&'a str>,
+    /// `properties.additionalData` (read case-insensitively).
+    pub additional_data: Option<&'a Value>,
+}
+
+/// The findings one exported sub-assessment stands for, mapped exactly as the
+/// scan gate maps Resource Graph rows (ids, severity as the higher of both
+/// spellings, fixed versions); empty when its status is `Healthy`.
+pub fn sub_assessment_findings(fields: &SubAssessmentFields<'_>) -> Vec<Finding> {
+    if nonempty(fields.status_code).is_some_and(|c| c.eq_ignore_ascii_case("healthy")) {
+        return Vec::new();
+    }
+    let own = |s: Option<&str>| s.map(str::to_string);
+    row_findings(&Row {
+        id: own(fields.id),
+        vuln_id: own(fields.vuln_id),
+        status_code: own(fields.status_code),
+        status_severity: own(fields.status_severity),
+        display_name: own(fields.display_name),
+        time_generated: None,
+        additional_data: fields.additional_data.cloned(),
+    })
+}
+
+/// `Value::pointer` with object keys matched case-insensitively (Resource
+/// Graph answers in camelCase; exports also come in PascalCase). Among keys
+/// differing only in case, an exact match wins.
+fn pointer_ci<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> {
+    let mut current = value;
+    for token in pointer.split('/').skip(1) {
+        let map = current.as_object()?;
+        current = map.get(token).or_else(|| {
+            map.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(token))
+                .map(|(_, v)| v)
+        })?;
+    }
+    Some(current)
 }
 
 fn nonempty(s: Option<&str>) -> Option<&str> {
@@ -706,6 +759,32 @@ mod tests {
             f[0].title.as_deref(),
             Some("Debian Security Update for openssl")
         );
+    }
+
+    #[test]
+    fn exported_sub_assessments_read_either_casing() {
+        let pascal = json!({
+            "AssessedResourceType": "AzureContainerRegistryVulnerability",
+            "VulnerabilityDetails": {"CveId": "CVE-2024-0002", "Severity": "Critical"},
+            "SoftwareDetails": {"PackageName": "zlib", "Version": "1.2", "FixedVersion": "1.3"}
+        });
+        let fields = SubAssessmentFields {
+            status_code: Some("Unhealthy"),
+            status_severity: Some("High"),
+            additional_data: Some(&pascal),
+            ..Default::default()
+        };
+        let f = sub_assessment_findings(&fields);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].id, "CVE-2024-0002");
+        assert_eq!(f[0].severity, SeverityLevel::Critical);
+        assert_eq!(f[0].package, "zlib");
+        assert_eq!(f[0].fixed_version.as_deref(), Some("1.3"));
+        let healthy = SubAssessmentFields {
+            status_code: Some("healthy"),
+            ..fields
+        };
+        assert!(sub_assessment_findings(&healthy).is_empty());
     }
 
     #[test]
