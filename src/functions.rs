@@ -14,6 +14,7 @@ pub fn all() -> Vec<Function> {
         fn_scan_check::function(),
         fn_policy_enforce::function(),
         fn_deploy::function(),
+        fn_cluster_audit::function(),
     ]
 }
 

@@ -214,6 +214,21 @@ pub enum KubeError {
         /// See [`KubeError::is_transient`].
         transient: bool,
     },
+    /// Reading one object back (`GET`, for the cluster audit) failed; a
+    /// missing object is not an error but `None`.
+    #[error("reading {kind} {name:?} failed ({}): {message}", http_status(*.status))]
+    ReadObject {
+        /// The object's kind.
+        kind: String,
+        /// The object's name.
+        name: String,
+        /// HTTP status of the reply; `None` when no reply came.
+        status: Option<u16>,
+        /// The API server's message (or the connection error).
+        message: String,
+        /// See [`KubeError::is_transient`].
+        transient: bool,
+    },
     /// Listing the app's pods failed.
     #[error("listing pods in {namespace} failed ({}): {message}", http_status(*.status))]
     ListPods {
@@ -237,6 +252,7 @@ impl KubeError {
             KubeError::InvalidObject { .. } => false,
             KubeError::Apply { transient, .. }
             | KubeError::ReadDeployment { transient, .. }
+            | KubeError::ReadObject { transient, .. }
             | KubeError::ListPods { transient, .. } => *transient,
         }
     }
@@ -422,6 +438,55 @@ impl Cluster {
             applied.objects.push((p.info.kind.into(), p.name));
         }
         Ok(applied)
+    }
+
+    /// Reads back, for each of `objects` (rendered manifests), the object of
+    /// the same kind, namespace and name as the API server holds it now:
+    /// `None` where it does not exist (404). The result is in the order of
+    /// `objects`. Every object is checked as [`Cluster::apply`] checks it
+    /// before the first request; the first failing read stops (the audit
+    /// records the app as unreadable rather than judging half of it).
+    pub async fn live(&self, objects: &[Value]) -> Result<Vec<Option<Value>>, KubeError> {
+        let prepared = objects
+            .iter()
+            .enumerate()
+            .map(|(position, object)| prepare(position, object))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let resource = p.info.api_resource();
+            let api: Api<DynamicObject> = match &p.namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+                None => Api::all_with(self.client.clone(), &resource),
+            };
+            let read_err = |e: kube::Error| {
+                let (status, message, transient) = describe(e);
+                KubeError::ReadObject {
+                    kind: p.info.kind.into(),
+                    name: p.name.clone(),
+                    status,
+                    message,
+                    transient,
+                }
+            };
+            let found = api.get_opt(&p.name).await.map_err(read_err)?;
+            let value = match found {
+                Some(object) => {
+                    Some(
+                        serde_json::to_value(&object).map_err(|e| KubeError::ReadObject {
+                            kind: p.info.kind.into(),
+                            name: p.name.clone(),
+                            status: None,
+                            message: format!("cannot re-encode the object: {e}"),
+                            transient: false,
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            out.push(value);
+        }
+        Ok(out)
     }
 
     /// Reads the Deployment `namespace/name` and its pods (label selector
