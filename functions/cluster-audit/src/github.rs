@@ -216,6 +216,18 @@ async fn sweep_hook(
                 attempts.last_at = rfc3339(now);
                 report.redelivered.push(newest.id);
                 tracing::info!(hook = %report.hook, guid, delivery = newest.id, "redelivery requested");
+                deps.audit(gantry_pipeline::AuditEntry {
+                    at: now,
+                    actor: crate::NAME.into(),
+                    action: "github.redelivery-requested".into(),
+                    app: None,
+                    run: None,
+                    detail: serde_json::json!({
+                        "hook": report.hook, "guid": guid, "delivery_id": newest.id,
+                        "status_code": newest.status_code, "attempt": attempts.count,
+                    }),
+                })
+                .await;
             }
             Err(e) => failed_posts.push(e.0),
         }

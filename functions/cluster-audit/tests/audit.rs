@@ -9,11 +9,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
-use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
+use gantry_bus::{BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QueueOptions};
 use gantry_kube::{Cluster, KINDS};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
 use gantry_pipeline::{
@@ -34,6 +35,33 @@ const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bc
 const OTHER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const APP: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nreplicas = 2\n";
+
+/// The embedded queue, failing sends (an outage of Service Bus) once
+/// `budget` sends went through; a negative budget never fails.
+struct FlakyBus {
+    inner: EmbeddedBus,
+    budget: Arc<AtomicI64>,
+}
+
+#[async_trait::async_trait]
+impl MessageBus for FlakyBus {
+    async fn send(&self, message: OutMessage) -> Result<(), BusError> {
+        let left = self
+            .budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                (b > 0).then_some(b - 1)
+            })
+            .unwrap_or_else(|b| b);
+        if left == 0 {
+            return Err(BusError::Send {
+                queue: message.queue,
+                message: "service unavailable".into(),
+                transient: true,
+            });
+        }
+        self.inner.send(message).await
+    }
+}
 
 /// The fake API server's objects, by REST path.
 type Objects = Arc<Mutex<BTreeMap<String, Value>>>;
@@ -105,6 +133,7 @@ struct Harness {
     config: Arc<Config>,
     router: Router,
     objects: Objects,
+    bus_budget: Arc<AtomicI64>,
 }
 
 impl Harness {
@@ -130,9 +159,13 @@ impl Harness {
             fn_cluster_audit::github::TOKEN_KEY,
             Arc::new(Secret::new("ghp_test-token")),
         );
+        let bus_budget = Arc::new(AtomicI64::new(-1));
         let deps = Deps {
             runs: runs.clone(),
-            bus: Arc::new(bus.clone()),
+            bus: Arc::new(FlakyBus {
+                inner: bus.clone(),
+                budget: bus_budget.clone(),
+            }),
             config: config.clone(),
             secrets: Secrets::default(),
             services,
@@ -146,6 +179,7 @@ impl Harness {
             config,
             router,
             objects,
+            bus_budget,
         })
     }
 
@@ -355,6 +389,32 @@ async fn drift_alerts_once_per_finding_and_again_when_it_returns() -> Result<()>
             .unwrap()
             .contains("spec.replicas is 3")
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn alert_queue_outage_answers_503_and_the_next_sweep_repeats_the_same_ids() -> Result<()> {
+    let h = Harness::new("[deploy]\ntarget = \"kubernetes\"\n").await?;
+    let (_, objects) = h.deployed().await?;
+    h.serve(&objects);
+    h.edit(DEPLOYMENT, |d| d["spec"]["replicas"] = json!(4));
+    h.objects.lock().unwrap().remove(SERVICE_ACCOUNT);
+    // The first alert goes out, the second fails.
+    h.bus_budget.store(1, Ordering::SeqCst);
+    let (status, line) = h.fire().await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{line}");
+    assert!(line.contains("service unavailable"), "{line}");
+    let first = h.alerts().await?;
+    assert_eq!(first.len(), 1);
+
+    // Back up: both alerts are sent, the first with the same MessageId, so
+    // the queue's duplicate detection keeps one.
+    h.bus_budget.store(-1, Ordering::SeqCst);
+    h.fire_ok().await?;
+    let alerts = h.alerts().await?;
+    assert_eq!(alerts.len(), 2, "{alerts:#?}");
+    assert!(alerts.iter().any(|(id, _)| *id == first[0].0));
+    assert!(alerts.iter().all(|(id, _)| id.ends_with(":1")));
     Ok(())
 }
 
@@ -661,6 +721,13 @@ async fn redelivers_exactly_the_missed_deliveries_and_advances_the_cursor() -> R
     assert_eq!(state["since"], "2026-11-27T08:00:50Z");
     assert_eq!(state["attempts"]["g-missed"]["delivery_ids"], json!([103]));
     assert!(state.get("error").is_none(), "{state}");
+    let trail = h.runs.audit_day(OffsetDateTime::now_utc()).await?;
+    let redelivered: Vec<&Value> = trail
+        .iter()
+        .filter(|e| e.action == "github.redelivery-requested")
+        .map(|e| &e.detail["delivery_id"])
+        .collect();
+    assert_eq!(redelivered, vec![&json!(103), &json!(106)]);
 
     // Nothing new since: the next sweep redelivers nothing.
     gh.seen.lock().unwrap().clear();
