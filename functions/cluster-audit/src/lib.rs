@@ -316,7 +316,12 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
         source,
     };
     let mut state: AppState = match deps.runs.raw().get(&state_blob).await {
-        Ok(Some(v)) => serde_json::from_slice(&v.body).unwrap_or_default(),
+        // An unreadable state starts afresh (open findings alert again)
+        // rather than stopping the audit of this app for good.
+        Ok(Some(v)) => serde_json::from_slice(&v.body).unwrap_or_else(|e| {
+            tracing::warn!(blob = %state_blob, error = %e, "audit state unreadable; starting afresh");
+            AppState::default()
+        }),
         Ok(None) => AppState::default(),
         Err(e) => return Err(record(e.into())),
     };
