@@ -6,9 +6,10 @@
 //! - **Live objects**: the objects the deployed run renders to are read back
 //!   from the target — the cluster (`kubernetes`, [`gantry_kube::Cluster::live`])
 //!   or the files in `<dir>/<app>/` (`directory`).
-//! - **Policy audit**: the live objects are evaluated with the same policy set
-//!   as the policy gate; violations are alerted, never enforced (audit only:
-//!   no run changes, nothing blocked).
+//! - **Policy audit**: the live objects, and (kubernetes) every other object
+//!   of those kinds in the app's namespace, are evaluated with the same policy
+//!   set as the policy gate; violations are alerted, never enforced (audit
+//!   only: no run changes, nothing blocked).
 //! - **Drift**: each live object must still hold every field gantry rendered
 //!   ([`drift::differences`]); a missing object is drift too. When the deployed
 //!   run no longer renders to the recorded manifest hash, `gantry.toml`
@@ -296,6 +297,25 @@ async fn live_objects(
     }
 }
 
+/// Objects of the kinds gantry applies in the app's namespace that are not
+/// among `known` (compared by kind and name).
+async fn others_in_namespace(
+    deps: &Deps,
+    app: &AppConfig,
+    known: &[Value],
+) -> Result<Vec<Value>, String> {
+    let cluster = fn_deploy::cluster(deps).await.map_err(|e| e.to_string())?;
+    let listed = cluster
+        .list_namespace(app.namespace().as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let known: BTreeSet<(String, String)> = known.iter().map(describe).collect();
+    Ok(listed
+        .into_iter()
+        .filter(|o| !known.contains(&describe(o)))
+        .collect())
+}
+
 fn describe(object: &Value) -> (String, String) {
     let text = |p: &str| {
         object
@@ -411,7 +431,15 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
         }
     }
 
-    let present: Vec<Value> = live.into_iter().flatten().collect();
+    let mut present: Vec<Value> = live.into_iter().flatten().collect();
+    // Everything else of those kinds in the app's namespace (a Deployment
+    // made by hand, a Service added by another tool) is audited too.
+    if deps.config.deploy.target == DeployTarget::Kubernetes {
+        match others_in_namespace(deps, app, &present).await {
+            Ok(others) => present.extend(others),
+            Err(why) => notes.push(format!("namespace not listed: {why}")),
+        }
+    }
     match fn_policy_enforce::policy_set(deps)
         .map_err(|e| e.to_string())
         .and_then(|set| set.evaluate(&present, &[]).map_err(|e| e.to_string()))

@@ -74,8 +74,29 @@ async fn serve_kube(
         let path = request.uri().path().to_string();
         let method = request.method().clone();
         let found = objects.lock().unwrap().get(&path).cloned();
+        // A list: the objects one segment below the path, without
+        // apiVersion/kind, as the API server sends list items.
+        let plural = path.rsplit('/').next().unwrap_or("");
+        let listed = KINDS.iter().any(|k| k.namespaced && k.plural == plural);
+        let items: Vec<Value> = objects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.rsplit_once('/').is_some_and(|(parent, _)| parent == path))
+            .map(|(_, o)| {
+                let mut item = o.clone();
+                let map = item.as_object_mut().unwrap();
+                map.remove("apiVersion");
+                map.remove("kind");
+                item
+            })
+            .collect();
         let (status, reply) = match (method.as_str(), found) {
             ("GET", Some(object)) => (200, object),
+            ("GET", None) if listed => (
+                200,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            ),
             _ => (
                 404,
                 json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -301,6 +322,30 @@ impl Harness {
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/web/deployments/web";
 const SERVICE_ACCOUNT: &str = "/api/v1/namespaces/web/serviceaccounts/web";
 
+#[tokio::test]
+async fn hand_made_objects_in_the_namespace_are_policy_audited_not_drift() -> Result<()> {
+    let h = Harness::new("[deploy]\ntarget = \"kubernetes\"\n").await?;
+    let (_, objects) = h.deployed().await?;
+    h.serve(&objects);
+    // Someone `kubectl apply`d a copy of the app as `debug`, with hostPID.
+    let mut debug = h.objects.lock().unwrap()[DEPLOYMENT].clone();
+    debug["metadata"]["name"] = json!("debug");
+    debug["spec"]["template"]["spec"]["hostPID"] = json!(true);
+    h.objects.lock().unwrap().insert(
+        "/apis/apps/v1/namespaces/web/deployments/debug".into(),
+        debug,
+    );
+    let line = h.fire_ok().await?;
+    assert!(!line.contains("namespace not listed"), "{line}");
+    let alerts = h.alerts().await?;
+    assert_eq!(alerts.len(), 1, "{line}: {alerts:#?}");
+    assert_eq!(alerts[0].1["kind"], "policy-violation");
+    assert_eq!(alerts[0].1["detail"]["name"], "debug");
+    h.fire_ok().await?;
+    assert_eq!(h.alerts().await?.len(), 1);
+    Ok(())
+}
+
 fn reasons(alerts: &[(String, Value)]) -> Vec<String> {
     let mut r: Vec<String> = alerts
         .iter()
@@ -319,6 +364,10 @@ async fn drift_alerts_once_per_finding_and_again_when_it_returns() -> Result<()>
     // (a) live objects as applied (plus server-set fields): nothing to say.
     let line = h.fire_ok().await?;
     assert!(line.contains("0 open findings"), "{line}");
+    assert!(
+        !line.contains("not listed") && !line.contains("not read"),
+        "{line}"
+    );
     assert!(h.alerts().await?.is_empty(), "{:#?}", h.alerts().await?);
 
     // (b) image, replica count and a label changed by hand, (c) an object gone.

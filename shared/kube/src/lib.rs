@@ -229,6 +229,21 @@ pub enum KubeError {
         /// See [`KubeError::is_transient`].
         transient: bool,
     },
+    /// Listing the objects of one kind in a namespace (for the cluster
+    /// audit) failed.
+    #[error("listing {kind} in {namespace} failed ({}): {message}", http_status(*.status))]
+    ListObjects {
+        /// The kind listed.
+        kind: String,
+        /// The namespace.
+        namespace: String,
+        /// HTTP status of the reply; `None` when no reply came.
+        status: Option<u16>,
+        /// The API server's message (or the connection error).
+        message: String,
+        /// See [`KubeError::is_transient`].
+        transient: bool,
+    },
     /// Listing the app's pods failed.
     #[error("listing pods in {namespace} failed ({}): {message}", http_status(*.status))]
     ListPods {
@@ -253,6 +268,7 @@ impl KubeError {
             KubeError::Apply { transient, .. }
             | KubeError::ReadDeployment { transient, .. }
             | KubeError::ReadObject { transient, .. }
+            | KubeError::ListObjects { transient, .. }
             | KubeError::ListPods { transient, .. } => *transient,
         }
     }
@@ -485,6 +501,45 @@ impl Cluster {
                 None => None,
             };
             out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// Every object of the namespaced kinds gantry applies ([`KINDS`]) in
+    /// `namespace`, whoever created it, each with its `apiVersion` and
+    /// `kind` set (list items come without them). For the audit: policies
+    /// apply to what runs in a managed namespace, not only to gantry's own
+    /// objects. Needs `list` on those kinds.
+    pub async fn list_namespace(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
+        let mut out = Vec::new();
+        for info in KINDS.iter().filter(|k| k.namespaced) {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), namespace, &info.api_resource());
+            let list = api.list(&ListParams::default()).await.map_err(|e| {
+                let (status, message, transient) = describe(e);
+                KubeError::ListObjects {
+                    kind: info.kind.into(),
+                    namespace: namespace.into(),
+                    status,
+                    message,
+                    transient,
+                }
+            })?;
+            for item in list.items {
+                let mut value =
+                    serde_json::to_value(&item).map_err(|e| KubeError::ListObjects {
+                        kind: info.kind.into(),
+                        namespace: namespace.into(),
+                        status: None,
+                        message: format!("cannot re-encode an item: {e}"),
+                        transient: false,
+                    })?;
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("apiVersion".into(), info.api_version.into());
+                    map.insert("kind".into(), info.kind.into());
+                }
+                out.push(value);
+            }
         }
         Ok(out)
     }

@@ -610,3 +610,39 @@ async fn live_read_failures_are_typed() {
     requests(cluster, server).await;
     assert!(!err.is_transient(), "{err}");
 }
+
+/// `list_namespace` lists each namespaced kind and gives the items their
+/// apiVersion and kind back (list items come without them).
+#[tokio::test]
+async fn list_namespace_lists_every_namespaced_kind_with_types() {
+    let (cluster, server) = fake_cluster(|seen| {
+        let item = json!({"metadata": {"name": "hand-made", "namespace": "web"}});
+        let items = if seen.path.ends_with("/deployments") {
+            json!([item])
+        } else {
+            json!([])
+        };
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+        )
+    });
+    let listed = cluster.list_namespace("web").await.unwrap();
+    let seen = requests(cluster, server).await;
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/api/v1/namespaces/web/resourcequotas",
+            "/api/v1/namespaces/web/limitranges",
+            "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies",
+            "/api/v1/namespaces/web/serviceaccounts",
+            "/apis/apps/v1/namespaces/web/deployments",
+            "/api/v1/namespaces/web/services",
+        ]
+    );
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["apiVersion"], "apps/v1");
+    assert_eq!(listed[0]["kind"], "Deployment");
+    assert_eq!(listed[0]["metadata"]["name"], "hand-made");
+}
