@@ -115,18 +115,29 @@ pub async fn run(args: DevArgs) -> Result<()> {
     // Shed load instead of queueing without bound: beyond MAX_IN_FLIGHT requests
     // answer 503 at once (measured: an overloaded backend otherwise let RSS grow
     // from 12 to ~150 MiB). In Azure the Functions host limits concurrency itself.
-    let app = router.clone().merge(dev_routes(bus.clone())).layer(
-        tower::ServiceBuilder::new()
-            .layer(axum::error_handling::HandleErrorLayer::new(
-                |_: tower::BoxError| async {
-                    ApiError::unavailable(format!(
-                        "more than {MAX_IN_FLIGHT} requests in flight; retry"
-                    ))
-                },
-            ))
-            .load_shed()
-            .concurrency_limit(MAX_IN_FLIGHT),
-    );
+    let timers: Vec<(&'static str, &'static str)> = functions
+        .iter()
+        .filter_map(|f| match f.trigger {
+            Trigger::Timer { schedule } => Some((f.name, schedule)),
+            _ => None,
+        })
+        .collect();
+    let app = router
+        .clone()
+        .merge(dev_routes(bus.clone()))
+        .merge(timer_routes(router.clone(), timers))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async {
+                        ApiError::unavailable(format!(
+                            "more than {MAX_IN_FLIGHT} requests in flight; retry"
+                        ))
+                    },
+                ))
+                .load_shed()
+                .concurrency_limit(MAX_IN_FLIGHT),
+        );
 
     for f in &functions {
         if let Trigger::Queue { queue, .. } = f.trigger {
@@ -147,6 +158,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  webhook   POST http://{addr}/api/github");
     println!("  health    GET  http://{addr}/api/health");
     println!("  queues    POST http://{addr}/dev/queues/{{queue}}   GET http://{addr}/dev/queues");
+    println!("  timers    POST http://{addr}/dev/timers/{{function}}  (fire a timer function now)");
     println!("  state     {state}");
     println!(
         "  config    {} ({} apps)",
@@ -183,6 +195,69 @@ fn dev_routes(bus: Arc<EmbeddedBus>) -> Router {
         .route("/dev/queues/{queue}", post(enqueue).get(show_queue))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_DEV_MESSAGE))
         .with_state(bus)
+}
+
+/// State of `POST /dev/timers/{name}`: the functions' router and the timer
+/// functions with their schedules.
+#[derive(Clone)]
+struct Timers {
+    router: Router,
+    timers: Arc<Vec<(&'static str, &'static str)>>,
+}
+
+fn timer_routes(router: Router, timers: Vec<(&'static str, &'static str)>) -> Router {
+    Router::new()
+        .route("/dev/timers/{name}", post(fire_timer))
+        .with_state(Timers {
+            router,
+            timers: Arc::new(timers),
+        })
+}
+
+/// `POST /dev/timers/{name}`: fires a timer function now, through the very
+/// envelope the Functions host sends on a schedule, and answers with the
+/// function's status and log line. `gantry dev` does not run timers on their
+/// schedule: a developer fires them when they want to see the result.
+async fn fire_timer(
+    State(state): State<Timers>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    guard_local(&headers)?;
+    let Some((function, schedule)) = state.timers.iter().find(|(n, _)| *n == name).copied() else {
+        let names: Vec<&str> = state.timers.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::not_found(format!(
+            "no timer function {name:?}; timers: {}",
+            names.join(", ")
+        )));
+    };
+    let now = time::OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    let envelope = gantry_runtime::host_request_for_timer(schedule, false, &now);
+    let body = serde_json::to_vec(&envelope).unwrap_or_default();
+    let request = Request::post(format!("/{function}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let response = match state.router.oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Ok((
+        status,
+        axum::Json(serde_json::json!({
+            "function": function,
+            "status": status.as_u16(),
+            "logs": reply.get("Logs").cloned().unwrap_or_default(),
+        })),
+    )
+        .into_response())
 }
 
 /// `POST /dev/queues/{queue}`: the body becomes one message, with optional

@@ -16,6 +16,7 @@ pub fn all() -> Vec<Function> {
         fn_deploy::function(),
         fn_alert::function(),
         fn_security_event::function(),
+        fn_cluster_audit::function(),
     ]
 }
 

@@ -130,8 +130,17 @@ fn every_function_has_a_folder_and_every_folder_a_function() -> Result<()> {
                 );
             }
             Some("timer") => {
+                assert_eq!(bindings.len(), 1, "{name}");
                 assert_eq!(bindings[0]["type"], "timerTrigger");
+                assert_eq!(bindings[0]["direction"], "in");
+                assert_eq!(
+                    bindings[0]["name"],
+                    gantry_runtime::TIMER_BINDING,
+                    "{name}: binding name is the Data key"
+                );
                 assert_eq!(bindings[0]["schedule"], f["schedule"]);
+                // Every instance start would run a sweep otherwise.
+                assert_eq!(bindings[0]["runOnStartup"], false, "{name}");
             }
             other => panic!("{name}: unknown trigger {other:?}"),
         }

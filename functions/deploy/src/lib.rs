@@ -555,7 +555,7 @@ async fn supersede(
 // ---- kubernetes target -------------------------------------------------------
 
 /// The process's cluster client (see [`CLUSTER_KEY`]).
-async fn cluster(deps: &Deps) -> Result<Arc<Cluster>, KubeError> {
+pub async fn cluster(deps: &Deps) -> Result<Arc<Cluster>, KubeError> {
     deps.services
         .cached_async(CLUSTER_KEY, || async {
             let Some(id) = &deps.config.deploy.aks_cluster else {
@@ -1101,7 +1101,10 @@ async fn previous_manifests(
 /// The run whose provenance `run`'s manifests are rendered with: `run` itself,
 /// or for a rollback run the earlier run it deploys again (which must hold the
 /// same digest). `Err(why)` when that run is gone or does not match.
-async fn rendering_source(deps: &Deps, run: &Run) -> Result<Result<Run, String>, PipelineError> {
+pub async fn rendering_source(
+    deps: &Deps,
+    run: &Run,
+) -> Result<Result<Run, String>, PipelineError> {
     let Some(of) = &run.rollback else {
         return Ok(Ok(run.clone()));
     };

@@ -102,7 +102,8 @@ impl FunctionError for ScanCheckError {
 }
 
 /// What the finding sources said.
-enum Fetched {
+#[derive(Debug)]
+pub enum Fetched {
     /// Findings are in.
     Found(Findings, String),
     /// The source has nothing for this digest yet.
@@ -312,8 +313,9 @@ pub async fn handle(inv: Invocation<ScanMessage>, deps: &Deps) -> Result<Done, S
     }
 }
 
-/// Findings for `digest` from the app's source.
-async fn fetch(
+/// Findings for `digest` from the app's source (`run_id` only labels
+/// errors; `cluster-audit` re-checks deployed digests through this too).
+pub async fn fetch(
     deps: &Deps,
     settings: &ScanSettings,
     digest: &Digest,

@@ -214,6 +214,36 @@ pub enum KubeError {
         /// See [`KubeError::is_transient`].
         transient: bool,
     },
+    /// Reading one object back (`GET`, for the cluster audit) failed; a
+    /// missing object is not an error but `None`.
+    #[error("reading {kind} {name:?} failed ({}): {message}", http_status(*.status))]
+    ReadObject {
+        /// The object's kind.
+        kind: String,
+        /// The object's name.
+        name: String,
+        /// HTTP status of the reply; `None` when no reply came.
+        status: Option<u16>,
+        /// The API server's message (or the connection error).
+        message: String,
+        /// See [`KubeError::is_transient`].
+        transient: bool,
+    },
+    /// Listing the objects of one kind in a namespace (for the cluster
+    /// audit) failed.
+    #[error("listing {kind} in {namespace} failed ({}): {message}", http_status(*.status))]
+    ListObjects {
+        /// The kind listed.
+        kind: String,
+        /// The namespace.
+        namespace: String,
+        /// HTTP status of the reply; `None` when no reply came.
+        status: Option<u16>,
+        /// The API server's message (or the connection error).
+        message: String,
+        /// See [`KubeError::is_transient`].
+        transient: bool,
+    },
     /// Listing the app's pods failed.
     #[error("listing pods in {namespace} failed ({}): {message}", http_status(*.status))]
     ListPods {
@@ -237,6 +267,8 @@ impl KubeError {
             KubeError::InvalidObject { .. } => false,
             KubeError::Apply { transient, .. }
             | KubeError::ReadDeployment { transient, .. }
+            | KubeError::ReadObject { transient, .. }
+            | KubeError::ListObjects { transient, .. }
             | KubeError::ListPods { transient, .. } => *transient,
         }
     }
@@ -422,6 +454,94 @@ impl Cluster {
             applied.objects.push((p.info.kind.into(), p.name));
         }
         Ok(applied)
+    }
+
+    /// Reads back, for each of `objects` (rendered manifests), the object of
+    /// the same kind, namespace and name as the API server holds it now:
+    /// `None` where it does not exist (404). The result is in the order of
+    /// `objects`. Every object is checked as [`Cluster::apply`] checks it
+    /// before the first request; the first failing read stops (the audit
+    /// records the app as unreadable rather than judging half of it).
+    pub async fn live(&self, objects: &[Value]) -> Result<Vec<Option<Value>>, KubeError> {
+        let prepared = objects
+            .iter()
+            .enumerate()
+            .map(|(position, object)| prepare(position, object))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let resource = p.info.api_resource();
+            let api: Api<DynamicObject> = match &p.namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+                None => Api::all_with(self.client.clone(), &resource),
+            };
+            let read_err = |e: kube::Error| {
+                let (status, message, transient) = describe(e);
+                KubeError::ReadObject {
+                    kind: p.info.kind.into(),
+                    name: p.name.clone(),
+                    status,
+                    message,
+                    transient,
+                }
+            };
+            let found = api.get_opt(&p.name).await.map_err(read_err)?;
+            let value = match found {
+                Some(object) => {
+                    Some(
+                        serde_json::to_value(&object).map_err(|e| KubeError::ReadObject {
+                            kind: p.info.kind.into(),
+                            name: p.name.clone(),
+                            status: None,
+                            message: format!("cannot re-encode the object: {e}"),
+                            transient: false,
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// Every object of the namespaced kinds gantry applies ([`KINDS`]) in
+    /// `namespace`, whoever created it, each with its `apiVersion` and
+    /// `kind` set (list items come without them). For the audit: policies
+    /// apply to what runs in a managed namespace, not only to gantry's own
+    /// objects. Needs `list` on those kinds.
+    pub async fn list_namespace(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
+        let mut out = Vec::new();
+        for info in KINDS.iter().filter(|k| k.namespaced) {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), namespace, &info.api_resource());
+            let list = api.list(&ListParams::default()).await.map_err(|e| {
+                let (status, message, transient) = describe(e);
+                KubeError::ListObjects {
+                    kind: info.kind.into(),
+                    namespace: namespace.into(),
+                    status,
+                    message,
+                    transient,
+                }
+            })?;
+            for item in list.items {
+                let mut value =
+                    serde_json::to_value(&item).map_err(|e| KubeError::ListObjects {
+                        kind: info.kind.into(),
+                        namespace: namespace.into(),
+                        status: None,
+                        message: format!("cannot re-encode an item: {e}"),
+                        transient: false,
+                    })?;
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("apiVersion".into(), info.api_version.into());
+                    map.insert("kind".into(), info.kind.into());
+                }
+                out.push(value);
+            }
+        }
+        Ok(out)
     }
 
     /// Reads the Deployment `namespace/name` and its pods (label selector

@@ -557,3 +557,92 @@ health_path = "/healthz"
         .unwrap();
     assert_eq!(result, Rollout::Complete);
 }
+
+/// `live` GETs every rendered object at its own path, in the given order:
+/// a found object comes back as the server holds it, a 404 is `None`.
+#[tokio::test]
+async fn live_reads_each_object_and_404_is_none() {
+    let objects = objects();
+    let (cluster, server) = fake_cluster(|seen| {
+        if seen.path.ends_with("/serviceaccounts/web") {
+            return status(404, "NotFound", "serviceaccounts \"web\" not found");
+        }
+        let kind = if seen.path.contains("/deployments/") {
+            ("apps/v1", "Deployment")
+        } else {
+            ("v1", "Service")
+        };
+        let name = seen.path.rsplit('/').next().unwrap_or("");
+        (
+            200,
+            json!({"apiVersion": kind.0, "kind": kind.1,
+                   "metadata": {"name": name, "uid": "u-1", "resourceVersion": "9"},
+                   "spec": {"replicas": 3}}),
+        )
+    });
+    let live = cluster.live(&objects).await.unwrap();
+    let seen = requests(cluster, server).await;
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, EXPECTED_PATHS);
+    assert!(seen.iter().all(|s| s.method == "GET"));
+    assert_eq!(live.len(), objects.len());
+    assert!(live[5].is_none(), "the ServiceAccount is gone");
+    let deployment = live[6].as_ref().unwrap();
+    assert_eq!(deployment["kind"], "Deployment");
+    assert_eq!(deployment["metadata"]["uid"], "u-1");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+}
+
+#[tokio::test]
+async fn live_read_failures_are_typed() {
+    let (cluster, server) = fake_cluster(|_| status(403, "Forbidden", "cannot get namespaces"));
+    let err = cluster.live(&objects()).await.unwrap_err();
+    requests(cluster, server).await;
+    assert!(
+        matches!(&err, KubeError::ReadObject { kind, status: Some(403), .. } if kind == "Namespace"),
+        "{err:?}"
+    );
+    assert!(err.is_transient(), "RBAC not yet propagated: retry");
+    assert!(err.to_string().contains("HTTP 403"), "{err}");
+
+    let (cluster, server) = fake_cluster(|_| status(400, "BadRequest", "bad"));
+    let err = cluster.live(&objects()).await.unwrap_err();
+    requests(cluster, server).await;
+    assert!(!err.is_transient(), "{err}");
+}
+
+/// `list_namespace` lists each namespaced kind and gives the items their
+/// apiVersion and kind back (list items come without them).
+#[tokio::test]
+async fn list_namespace_lists_every_namespaced_kind_with_types() {
+    let (cluster, server) = fake_cluster(|seen| {
+        let item = json!({"metadata": {"name": "hand-made", "namespace": "web"}});
+        let items = if seen.path.ends_with("/deployments") {
+            json!([item])
+        } else {
+            json!([])
+        };
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+        )
+    });
+    let listed = cluster.list_namespace("web").await.unwrap();
+    let seen = requests(cluster, server).await;
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/api/v1/namespaces/web/resourcequotas",
+            "/api/v1/namespaces/web/limitranges",
+            "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies",
+            "/api/v1/namespaces/web/serviceaccounts",
+            "/apis/apps/v1/namespaces/web/deployments",
+            "/api/v1/namespaces/web/services",
+        ]
+    );
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["apiVersion"], "apps/v1");
+    assert_eq!(listed[0]["kind"], "Deployment");
+    assert_eq!(listed[0]["metadata"]["name"], "hand-made");
+}

@@ -32,6 +32,10 @@ pub struct Config {
     /// Defender for Cloud security alerts (`[security]`).
     #[serde(default)]
     pub security: SecurityConfig,
+    /// GitHub REST API access and the webhooks whose missed deliveries
+    /// `cluster-audit` redelivers (`[github]`).
+    #[serde(default)]
+    pub github: GithubConfig,
     /// Directory of the configuration file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -351,6 +355,34 @@ impl Default for AlertsConfig {
     }
 }
 
+/// `[github]`: the GitHub REST API, for the redelivery sweep of missed
+/// webhook deliveries (GitHub never redelivers by itself).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GithubConfig {
+    /// Environment variable holding the API token (a fine-grained token or
+    /// app token allowed to read and redeliver the hooks' deliveries).
+    #[serde(default = "default_github_token_env")]
+    pub token_env: String,
+    /// REST API base URL (GitHub Enterprise Server: `https://host/api/v3`;
+    /// tests point it at a local fake).
+    #[serde(default = "default_github_api_url")]
+    pub api_url: String,
+    /// Webhooks swept for failed deliveries (`[[github.hooks]]`).
+    #[serde(default)]
+    pub hooks: Vec<GithubHook>,
+}
+
+impl Default for GithubConfig {
+    fn default() -> Self {
+        GithubConfig {
+            token_env: default_github_token_env(),
+            api_url: default_github_api_url(),
+            hooks: Vec::new(),
+        }
+    }
+}
+
 impl AlertsConfig {
     /// Looks a channel up by name.
     pub fn channel(&self, name: &str) -> Option<&AlertChannel> {
@@ -656,6 +688,61 @@ fn default_security_min_severity() -> SecuritySeverity {
     SecuritySeverity::High
 }
 
+fn default_github_token_env() -> String {
+    "GANTRY_GITHUB_TOKEN".into()
+}
+
+fn default_github_api_url() -> String {
+    "https://api.github.com".into()
+}
+
+/// One webhook: a repository hook (`repo`) or an organization hook (`org`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GithubHook {
+    /// `owner/name` of a repository hook.
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// Organization login of an organization hook.
+    #[serde(default)]
+    pub org: Option<String>,
+    /// The hook id (Settings → Webhooks → the hook's URL).
+    pub id: u64,
+}
+
+impl GithubHook {
+    /// The hook's API path below the base URL:
+    /// `/repos/{owner}/{repo}/hooks/{id}` or `/orgs/{org}/hooks/{id}`.
+    /// Only valid after [`Config::parse`] checked the names.
+    pub fn api_path(&self) -> String {
+        match (&self.repo, &self.org) {
+            (Some(repo), _) => format!("/repos/{repo}/hooks/{}", self.id),
+            (None, Some(org)) => format!("/orgs/{org}/hooks/{}", self.id),
+            (None, None) => format!("/hooks/{}", self.id),
+        }
+    }
+
+    /// A name for the hook usable in a blob name: `repo-{owner}-{name}-{id}`
+    /// or `org-{org}-{id}`, lowercase, `[a-z0-9._-]` only.
+    pub fn key(&self) -> String {
+        let raw = match (&self.repo, &self.org) {
+            (Some(repo), _) => format!("repo-{}-{}", repo.replace('/', "-"), self.id),
+            (None, Some(org)) => format!("org-{org}-{}", self.id),
+            (None, None) => format!("hook-{}", self.id),
+        };
+        raw.to_ascii_lowercase()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
+}
+
 /// `[policy]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -959,6 +1046,48 @@ impl Config {
                 "deploy.arm_endpoint: {arm:?} must be an https:// URL"
             )));
         }
+        let api = &config.github.api_url;
+        let loopback = api.starts_with("http://127.0.0.1:") || api.starts_with("http://localhost:");
+        if !(api.starts_with("https://") || loopback) || api.len() > 200 || api.contains(['?', '#'])
+        {
+            return Err(invalid(format!(
+                "github.api_url: {api:?} must be an https:// URL without query"
+            )));
+        }
+        let env = &config.github.token_env;
+        if env.is_empty()
+            || env.len() > 128
+            || !env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(invalid(format!(
+                "github.token_env: {env:?} is not an environment variable name"
+            )));
+        }
+        let mut seen_hooks = std::collections::BTreeSet::new();
+        for (i, hook) in config.github.hooks.iter().enumerate() {
+            match (&hook.repo, &hook.org) {
+                // `.`/`..` would change the API path the token is sent to.
+                (Some(repo), None)
+                    if valid_repo(repo) && !repo.split('/').any(|p| p == "." || p == "..") => {}
+                (None, Some(org)) if valid_login(org) => {}
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(format!(
+                        "github.hooks[{i}]: give exactly one of repo (owner/name) or org"
+                    )));
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "github.hooks[{i}]: repo must be owner/name, org a GitHub login ([A-Za-z0-9-])"
+                    )));
+                }
+            }
+            if hook.id == 0 {
+                return Err(invalid(format!("github.hooks[{i}].id: must be positive")));
+            }
+            if !seen_hooks.insert(hook.key()) {
+                return Err(invalid(format!("github.hooks[{i}]: duplicate hook")));
+            }
+        }
         for (i, entry) in config.scan.allow.iter().enumerate() {
             if entry.id.is_empty()
                 || entry.id.len() > 100
@@ -1090,6 +1219,13 @@ fn valid_repo(v: &str) -> bool {
     matches!(v.split_once('/'), Some((owner, name)) if ok(owner) && ok(name))
 }
 
+fn valid_login(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 39
+        && !v.starts_with('-')
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 fn valid_branch(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 255
@@ -1131,6 +1267,40 @@ image = "contoso.azurecr.io/web"
     fn embedded_example_is_valid() {
         let c = Config::parse(EMBEDDED_EXAMPLE, "gantry.toml").expect("example parses");
         assert!(!c.apps.is_empty());
+    }
+
+    #[test]
+    fn github_hooks_are_checked() {
+        let c = Config::parse(GOOD, "t").expect("parses");
+        assert_eq!(c.github.token_env, "GANTRY_GITHUB_TOKEN");
+        assert_eq!(c.github.api_url, "https://api.github.com");
+        assert!(c.github.hooks.is_empty());
+        let text = format!(
+            "{GOOD}\n[github]\napi_url = \"http://127.0.0.1:9/api\"\n[[github.hooks]]\nrepo = \"contoso/web\"\nid = 123\n[[github.hooks]]\norg = \"Contoso\"\nid = 7\n"
+        );
+        let c = Config::parse(&text, "t").expect("parses");
+        assert_eq!(c.github.hooks[0].api_path(), "/repos/contoso/web/hooks/123");
+        assert_eq!(c.github.hooks[0].key(), "repo-contoso-web-123");
+        assert_eq!(c.github.hooks[1].api_path(), "/orgs/Contoso/hooks/7");
+        assert_eq!(c.github.hooks[1].key(), "org-contoso-7");
+        for (bad, needle) in [
+            ("[[github.hooks]]\nid = 1\n", "exactly one of repo"),
+            (
+                "[[github.hooks]]\nrepo = \"a/b\"\norg = \"a\"\nid = 1\n",
+                "exactly one",
+            ),
+            ("[[github.hooks]]\nrepo = \"../x\"\nid = 1\n", "owner/name"),
+            ("[[github.hooks]]\nrepo = \"a/b\"\nid = 0\n", "positive"),
+            (
+                "[[github.hooks]]\nrepo = \"a/b\"\nid = 1\nsecret = 1\n",
+                "unknown field",
+            ),
+            ("[github]\napi_url = \"http://example.com\"\n", "api_url"),
+            ("[github]\ntoken_env = \"A B\"\n", "token_env"),
+        ] {
+            let err = Config::parse(&format!("{GOOD}\n{bad}"), "t").expect_err(bad);
+            assert!(err.to_string().contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]

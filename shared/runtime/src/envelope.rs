@@ -212,6 +212,14 @@ pub struct TimerInfo {
     pub schedule_status: Option<ScheduleStatus>,
 }
 
+impl TimerInfo {
+    /// A timer occurrence as `gantry dev` or a test fires it (on time, no
+    /// schedule status).
+    pub fn now() -> TimerInfo {
+        TimerInfo::default()
+    }
+}
+
 /// Schedule bookkeeping of a timer trigger.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -222,6 +230,9 @@ pub struct ScheduleStatus {
     /// Next occurrence.
     #[serde(default)]
     pub next: Option<String>,
+    /// When the host last updated the status.
+    #[serde(default)]
+    pub last_updated: Option<String>,
 }
 
 impl TimerInfo {

@@ -33,7 +33,7 @@ use gantry_pipeline::{AuditEntry, Config, RunStore};
 use http::StatusCode;
 use time::OffsetDateTime;
 
-pub use envelope::{InvokeRequest, InvokeResponse, MessageMeta};
+pub use envelope::{InvokeRequest, InvokeResponse, MessageMeta, TimerInfo};
 pub use http_error::ApiError;
 
 /// A secret value (webhook secret, token): never printed by `Debug` or `Display`.
@@ -267,6 +267,11 @@ pub enum Trigger {
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type QueueHandler =
     Arc<dyn Fn(Vec<u8>, MessageMeta, Arc<Deps>) -> BoxFuture<Outcome> + Send + Sync>;
+type TimerHandler = Arc<dyn Fn(TimerInfo, Arc<Deps>) -> BoxFuture<Outcome> + Send + Sync>;
+
+/// The binding name of every timer trigger (the key of `Data` in the
+/// invocation envelope and `name` in `function.json`).
+pub const TIMER_BINDING: &str = "timer";
 
 /// What happened to one invocation, as the runtime reports it to the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,6 +298,7 @@ pub struct Function {
 enum Kind {
     Queue(QueueHandler),
     Http(fn() -> Router<Arc<Deps>>),
+    Timer(TimerHandler),
 }
 
 impl Function {
@@ -350,6 +356,49 @@ impl Function {
         }
     }
 
+    /// A timer-triggered function (`timerTrigger` binding [`TIMER_BINDING`],
+    /// `schedule` in NCRONTAB with seconds, e.g. `0 */15 * * * *`).
+    ///
+    /// There is no message to redeliver: an error answers non-2xx (503 when
+    /// transient, 500 otherwise) so the host logs the invocation as failed,
+    /// and the next occurrence simply runs again. Nothing is recorded under
+    /// `rejected/`, because there is no payload to keep.
+    pub fn timer<E, F, Fut>(name: &'static str, schedule: &'static str, handler: F) -> Function
+    where
+        E: FunctionError,
+        F: Fn(Invocation<TimerInfo>, Arc<Deps>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Done, E>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let run: TimerHandler = Arc::new(move |info: TimerInfo, deps: Arc<Deps>| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let invocation = Invocation {
+                    event: info,
+                    meta: MessageMeta::default(),
+                };
+                match handler(invocation, deps).await {
+                    Ok(Done(line)) => Outcome::Done(line),
+                    Err(e) if e.is_transient() => Outcome::Retry(e.to_string()),
+                    Err(e) => Outcome::Rejected(e.to_string()),
+                }
+            }) as BoxFuture<Outcome>
+        });
+        Function {
+            name,
+            trigger: Trigger::Timer { schedule },
+            kind: Kind::Timer(run),
+        }
+    }
+
+    /// Runs a timer function now, outside HTTP (tests).
+    pub async fn fire(&self, info: TimerInfo, deps: Arc<Deps>) -> Option<Outcome> {
+        match &self.kind {
+            Kind::Timer(h) => Some(h(info, deps).await),
+            _ => None,
+        }
+    }
+
     /// Runs a queue function on a raw message, outside HTTP (used by tests and
     /// benchmarks; the dev host goes through the HTTP envelope instead).
     pub async fn invoke(
@@ -360,7 +409,7 @@ impl Function {
     ) -> Option<Outcome> {
         match &self.kind {
             Kind::Queue(h) => Some(h(body, meta, deps).await),
-            Kind::Http(_) => None,
+            Kind::Http(_) | Kind::Timer(_) => None,
         }
     }
 }
@@ -404,6 +453,19 @@ pub fn app(deps: Arc<Deps>, functions: &[Function]) -> Router {
                 );
             }
             Kind::Http(routes) => router = router.merge(routes()),
+            Kind::Timer(handler) => {
+                let handler = handler.clone();
+                let name = f.name;
+                router = router.route(
+                    &format!("/{name}"),
+                    post(
+                        move |State(deps): State<Arc<Deps>>, body: axum::body::Bytes| {
+                            let handler = handler.clone();
+                            async move { invoke_timer(name, handler, deps, body).await }
+                        },
+                    ),
+                );
+            }
         }
     }
     router
@@ -489,6 +551,75 @@ async fn invoke_envelope(
         ..Default::default()
     };
     (status, axum::Json(response)).into_response()
+}
+
+/// A timer invocation: `{"Data": {"timer": {"Schedule": ..., "ScheduleStatus":
+/// ..., "IsPastDue": ...}}, "Metadata": {...}}`.
+async fn invoke_timer(
+    name: &'static str,
+    handler: TimerHandler,
+    deps: Arc<Deps>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: InvokeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::bad_request("bad_envelope", format!("invocation envelope: {e}"))
+                .into_response();
+        }
+    };
+    let info = match TimerInfo::from_data(&request.data, TIMER_BINDING) {
+        Ok(info) => info,
+        Err(e) => return ApiError::bad_request("bad_timer", e.0).into_response(),
+    };
+    if info.is_past_due {
+        tracing::info!(function = name, "timer invocation is past due");
+    }
+    let (status, log) = match handler(info, deps).await {
+        Outcome::Done(line) => {
+            tracing::info!(function = name, "{line}");
+            (StatusCode::OK, line)
+        }
+        Outcome::Retry(reason) => {
+            tracing::warn!(function = name, "timer run failed (transient): {reason}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("transient: {reason}"),
+            )
+        }
+        Outcome::Rejected(reason) => {
+            tracing::error!(function = name, "timer run failed: {reason}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed: {reason}"),
+            )
+        }
+    };
+    let response = InvokeResponse {
+        logs: vec![log],
+        ..Default::default()
+    };
+    (status, axum::Json(response)).into_response()
+}
+
+/// The envelope the Functions host sends for one timer occurrence; `gantry
+/// dev` fires timers through it, so dev and Azure share one code path.
+pub fn host_request_for_timer(schedule: &str, past_due: bool, now: &str) -> InvokeRequest {
+    let mut data = serde_json::Map::new();
+    data.insert(
+        TIMER_BINDING.into(),
+        serde_json::json!({
+            "Schedule": {"AdjustForDST": true},
+            "ScheduleStatus": {"Last": null, "Next": null, "LastUpdated": now},
+            "IsPastDue": past_due,
+        }),
+    );
+    let mut metadata = serde_json::Map::new();
+    metadata.insert(
+        "sys".into(),
+        serde_json::json!({"MethodName": TIMER_BINDING, "UtcNow": now, "Schedule": schedule}),
+    );
+    InvokeRequest { data, metadata }
 }
 
 /// `MaxDeliveryCount` of the queues (`GANTRY_MAX_DELIVERY_COUNT`, default 10,

@@ -410,3 +410,99 @@ async fn malformed_envelope_and_unknown_routes_are_json_errors() {
             .is_empty()
     );
 }
+
+/// A timer function: answers by the schedule's `Next` (a test knob).
+async fn tick(inv: Invocation<TimerInfo>, _deps: Arc<Deps>) -> Result<Done, ProbeError> {
+    let next = inv
+        .event
+        .schedule_status
+        .and_then(|s| s.next)
+        .unwrap_or_default();
+    match next.as_str() {
+        "transient" => Err(ProbeError::Transient),
+        "permanent" => Err(ProbeError::Permanent),
+        _ => Ok(Done(format!("tick past_due={}", inv.event.is_past_due))),
+    }
+}
+
+#[tokio::test]
+async fn timer_functions_answer_by_outcome_and_record_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(FsStore::open(dir.path().join("store")).expect("store"));
+    let bus = EmbeddedBus::open(dir.path().join("queues"), QueueOptions::default())
+        .await
+        .expect("bus");
+    let deps = Arc::new(Deps {
+        runs: RunStore::new(store.clone()),
+        bus: Arc::new(bus.clone()),
+        config: Arc::new(Config::parse("", "test").expect("config")),
+        secrets: Secrets::default(),
+        services: Default::default(),
+    });
+    let timer = Function::timer("tick", "0 */15 * * * *", tick);
+    assert_eq!(
+        timer.trigger,
+        gantry_runtime::Trigger::Timer {
+            schedule: "0 */15 * * * *"
+        }
+    );
+    let router = gantry_runtime::app(deps, &[timer]);
+    let post = |body: String| {
+        let router = router.clone();
+        async move {
+            let req = Request::post("/tick")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .expect("request");
+            let resp = router.oneshot(req).await.expect("infallible");
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            (status, value)
+        }
+    };
+    // The host's own payload.
+    let (status, reply) = post(TIMER_INVOCATION.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["Logs"][0], "tick past_due=true");
+    // What gantry dev sends.
+    let dev =
+        gantry_runtime::host_request_for_timer("0 */15 * * * *", false, "2026-11-27T10:00:00Z");
+    let (status, reply) = post(serde_json::to_string(&dev).expect("json")).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["Logs"][0], "tick past_due=false");
+
+    let with_next = |next: &str| {
+        TIMER_INVOCATION.replace(
+            "\"Next\": \"2026-11-27T10:00:00+00:00\"",
+            &format!("\"Next\": \"{next}\""),
+        )
+    };
+    let (status, reply) = post(with_next("transient")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    let (status, reply) = post(with_next("permanent")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{reply}");
+    assert!(
+        reply["Logs"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("digest is not sha256")
+    );
+
+    let (status, reply) = post("{not json".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    let (status, reply) = post(r#"{"Data": {"myTimer": {}}, "Metadata": {}}"#.into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert_eq!(reply["error"]["code"], "bad_timer");
+
+    // No message, so nothing is recorded as rejected and nothing alerted.
+    assert!(
+        store
+            .list("rejected/", None, 100)
+            .await
+            .expect("list")
+            .names
+            .is_empty()
+    );
+    assert!(bus.peek("alerts").await.is_empty());
+}
