@@ -15,5 +15,7 @@ pub use config::{AppConfig, Config};
 pub use error::PipelineError;
 pub use messages::{Alert, Severity, StepRequest};
 pub use names::{AppName, CommitSha, Digest, NameError, RunId};
-pub use run::{Image, RollbackOf, Run, RunStatus, Source, SourceKind, Step, StepStatus};
+pub use run::{
+    Image, RollbackOf, Run, RunStatus, Source, SourceKind, Step, StepStatus, TraceContext,
+};
 pub use runs::{AuditEntry, ClaimSource, RunStore};

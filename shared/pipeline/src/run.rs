@@ -275,6 +275,24 @@ pub struct Run {
     /// deploys again, and who asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<RollbackOf>,
+    /// The W3C trace context of the run (the span that created it): every
+    /// step of the run continues this trace, also when it is triggered by an
+    /// event that knows nothing of the run (an Event Grid image push).
+    /// Absent on runs recorded before tracing existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+}
+
+/// A W3C trace context (`traceparent` and `tracestate`) as kept on a run.
+/// Stored as the header values, so any tracer can continue it; validated when
+/// used (a malformed value starts a new trace, it never fails a step).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// `00-{trace-id}-{parent-id}-{flags}`.
+    pub traceparent: String,
+    /// Vendor-specific trace state, when the tracer keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// What a rollback run re-deploys and why.
@@ -311,6 +329,7 @@ impl Run {
             created_at: now,
             updated_at: now,
             rollback: None,
+            trace: None,
         }
     }
 }

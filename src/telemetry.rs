@@ -1,0 +1,85 @@
+//! Logs and traces of the process: the log format, and the OpenTelemetry
+//! tracer provider (OTLP/HTTP export when an endpoint is configured).
+//!
+//! Propagation (`traceparent` on every message, run trace contexts) works
+//! with or without an exporter; see `gantry_runtime::telemetry` and
+//! `docs/telemetry.md`.
+
+use gantry_runtime::telemetry::{self, LogFormat};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// The tracer provider; flushes queued spans when dropped.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        // Export what the batch processor still holds (bounded by its timeout).
+        let _ = self.provider.shutdown();
+    }
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// Whether spans are exported: the standard OTLP endpoint variables, unless
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+fn exporting() -> bool {
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+    !disabled
+        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs the global subscriber: the log layer (`GANTRY_LOG` filter) and the
+/// OpenTelemetry layer. Call before the tokio runtime starts: the OTLP
+/// exporter's blocking HTTP client must not be built inside it.
+pub fn init(format: LogFormat) -> Telemetry {
+    let mut notes = Vec::new();
+    let mut builder = SdkTracerProvider::builder();
+    let export = exporting();
+    if export {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()
+        {
+            // Batch: spans are queued and exported from the SDK's own thread,
+            // never on an invocation's path.
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => notes.push(format!("OTLP trace export disabled: {e}")),
+        }
+    }
+    let resource = if env_set("OTEL_SERVICE_NAME") {
+        Resource::builder().build()
+    } else {
+        Resource::builder().with_service_name("gantry").build()
+    };
+    let provider = builder.with_resource(resource).build();
+
+    let filter = EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(telemetry::log_layer(format, std::io::stderr).with_filter(filter))
+        .with(telemetry::layer(&provider, export))
+        .init();
+    for note in notes {
+        tracing::warn!("{note}");
+    }
+    if !export && env_set("APPLICATIONINSIGHTS_CONNECTION_STRING") {
+        // The Functions host uses the connection string for its own telemetry;
+        // gantry's spans need an OTLP endpoint (a collector exporting to Azure
+        // Monitor), see docs/telemetry.md.
+        tracing::info!(
+            "APPLICATIONINSIGHTS_CONNECTION_STRING is set but OTEL_EXPORTER_OTLP_ENDPOINT is not: gantry's traces are not exported"
+        );
+    }
+    Telemetry { provider }
+}
