@@ -8,7 +8,10 @@
 use gantry_runtime::telemetry::{self, LogFormat};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use std::sync::OnceLock;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -23,6 +26,71 @@ impl Drop for Telemetry {
     fn drop(&mut self) {
         // Export what the batch processor still holds (bounded by its timeout).
         let _ = self.provider.shutdown();
+    }
+}
+
+/// The OTLP/HTTP exporter, built on its first export (on the batch
+/// processor's thread): building the blocking HTTP client loads the TLS roots
+/// and starts a thread, ~100 ms that would otherwise delay the handler's
+/// first answer (the Functions host waits for the port).
+#[derive(Debug, Default)]
+struct LazyOtlp {
+    inner: OnceLock<Option<opentelemetry_otlp::SpanExporter>>,
+    resource: Option<Resource>,
+}
+
+impl LazyOtlp {
+    fn exporter(&self) -> Option<&opentelemetry_otlp::SpanExporter> {
+        self.inner
+            .get_or_init(|| {
+                match opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build()
+                {
+                    Ok(mut exporter) => {
+                        if let Some(resource) = &self.resource {
+                            exporter.set_resource(resource);
+                        }
+                        Some(exporter)
+                    }
+                    Err(e) => {
+                        // Once: later batches are dropped without a word.
+                        tracing::warn!("OTLP trace export disabled: {e}");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+}
+
+impl SpanExporter for LazyOtlp {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        match self.exporter() {
+            Some(exporter) => exporter.export(batch).await,
+            None => Err(OTelSdkError::InternalFailure(
+                "OTLP exporter unavailable".into(),
+            )),
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        match self.inner.get() {
+            Some(Some(exporter)) => exporter.shutdown_with_timeout(timeout),
+            _ => Ok(()),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        match self.inner.get() {
+            Some(Some(exporter)) => exporter.force_flush(),
+            _ => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = Some(resource.clone());
     }
 }
 
@@ -43,20 +111,12 @@ fn exporting() -> bool {
 /// OpenTelemetry layer. Call before the tokio runtime starts: the OTLP
 /// exporter's blocking HTTP client must not be built inside it.
 pub fn init(format: LogFormat) -> Telemetry {
-    let mut notes = Vec::new();
     let mut builder = SdkTracerProvider::builder();
     let export = exporting();
     if export {
-        match opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .build()
-        {
-            // Batch: spans are queued and exported from the SDK's own thread,
-            // never on an invocation's path.
-            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-            Err(e) => notes.push(format!("OTLP trace export disabled: {e}")),
-        }
+        // Batch: spans are queued and exported from the SDK's own thread,
+        // never on an invocation's path.
+        builder = builder.with_batch_exporter(LazyOtlp::default());
     }
     let resource = if env_set("OTEL_SERVICE_NAME") {
         Resource::builder().build()
@@ -70,9 +130,6 @@ pub fn init(format: LogFormat) -> Telemetry {
         .with(telemetry::log_layer(format, std::io::stderr).with_filter(filter))
         .with(telemetry::layer(&provider, export))
         .init();
-    for note in notes {
-        tracing::warn!("{note}");
-    }
     if !export && env_set("APPLICATIONINSIGHTS_CONNECTION_STRING") {
         // The Functions host uses the connection string for its own telemetry;
         // gantry's spans need an OTLP endpoint (a collector exporting to Azure

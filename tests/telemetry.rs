@@ -331,3 +331,171 @@ async fn one_trace_spans_webhook_registry_push_and_scan_for_one_run() -> Result<
     );
     Ok(())
 }
+
+/// What the fake OTLP collector received: (content type, body) per request.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A local OTLP/HTTP collector: records `POST /v1/traces`, answers 200.
+async fn fake_collector() -> Result<(String, Received)> {
+    let received: Received = Arc::default();
+    let store = received.clone();
+    let app = Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: http::HeaderMap, body: axum::body::Bytes| {
+            let store = store.clone();
+            async move {
+                let content_type = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((content_type, body.to_vec()));
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((format!("http://{addr}"), received))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Kills the child on drop, so a failed assertion leaves no process behind.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real binary: `gantry dev` with `OTEL_EXPORTER_OTLP_ENDPOINT` exports its
+/// spans over OTLP/HTTP (protobuf) with the batch processor, and
+/// `GANTRY_LOG_FORMAT=json` writes JSON lines that name run, function and trace.
+#[tokio::test]
+async fn gantry_dev_exports_over_otlp_http_and_logs_json() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let (endpoint, received) = fake_collector().await?;
+    let dir = tempfile::tempdir()?;
+    let stderr = std::fs::File::create(dir.path().join("stderr.log"))?;
+    let port = gantry_testkit::free_port();
+    let _child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(["dev", "--state"])
+            .arg(dir.path().join("state"))
+            .args(["--port", &port.to_string()])
+            .env_remove("GANTRY_GITHUB_WEBHOOK_SECRET")
+            .env_remove("GANTRY_STORAGE")
+            .env_remove("GANTRY_CONFIG")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SDK_DISABLED")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("GANTRY_LOG_FORMAT", "json")
+            .env("GANTRY_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()?,
+    );
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .get(url("/api/health"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        ensure!(Instant::now() < deadline, "gantry dev did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let body = support::example("github-push.json");
+    let reply: Value = client
+        .post(url("/api/github"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", "0b6c3f3e-2d0e-4a8e-9f55-8d1b0c7e2a44")
+        .header(
+            "x-hub-signature-256",
+            gantry_runtime::signature::sign_sha256(support::DEV_SECRET.as_bytes(), &body),
+        )
+        .body(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let run_id = reply["runs"][0]["run_id"]
+        .as_str()
+        .context("run id")?
+        .to_string();
+    let status = client
+        .post(url("/dev/queues/registry-events"))
+        .header("content-type", "application/json")
+        .body(support::example("acr-image-pushed.json"))
+        .send()
+        .await?
+        .status();
+    ensure!(status.is_success(), "enqueue: {status}");
+
+    // The scan-check invocation's span reaches the collector once the scan ran.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = received.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
+        if contains(&all, b"scan-check") && contains(&all, run_id.as_bytes()) {
+            for (content_type, _) in &got {
+                assert_eq!(content_type, "application/x-protobuf");
+            }
+            for name in [
+                "github-webhook",
+                "run.created",
+                "registry-push",
+                "run.image-recorded",
+            ] {
+                assert!(contains(&all, name.as_bytes()), "{name} exported");
+            }
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no scan-check span exported for run {run_id} ({} requests)",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let logs = std::fs::read_to_string(dir.path().join("stderr.log"))?;
+    ensure!(
+        !logs.contains(support::DEV_SECRET),
+        "the webhook secret was logged"
+    );
+    let mut scan_lines = 0;
+    for line in logs.lines() {
+        let value: Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        ensure!(
+            value["level"].is_string() && value["timestamp"].is_string(),
+            "{line}"
+        );
+        if value["span"]["function"] == "scan-check" {
+            assert_eq!(value["span"]["run.id"], run_id.as_str(), "{line}");
+            let trace = value["span"]["trace_id"].as_str().context("trace_id")?;
+            assert_eq!(trace.len(), 32, "{line}");
+            scan_lines += 1;
+        }
+    }
+    ensure!(scan_lines > 0, "no scan-check log line: {logs}");
+    Ok(())
+}
