@@ -272,6 +272,32 @@ pub fn run_span(name: &'static str, function: &'static str, run: &Run) -> Span {
     span
 }
 
+/// A span in `run`'s trace for work on the run started from elsewhere (an
+/// operator's approval arrives in the request's own trace): `Some` only when
+/// the run recorded a context and the current span is in another trace;
+/// `None` when the current span already belongs to the run's trace (every
+/// step invoked by a message of the run) or the run has no context.
+pub fn continue_run(name: &'static str, run: &Run) -> Option<Span> {
+    let parent = run.trace.as_ref().and_then(parent_from_run)?;
+    let current = Span::current().context().span().span_context().trace_id();
+    if current == parent.span().span_context().trace_id() {
+        return None;
+    }
+    let span = tracing::info_span!(
+        "run",
+        otel.name = name,
+        run.id = %run.id,
+        app = %run.app,
+        trace_id = Empty,
+    );
+    let from = Span::current().context().span().span_context().clone();
+    if span.set_parent(parent).is_ok() && from.is_valid() {
+        span.add_link(from);
+    }
+    record_trace_id(&span);
+    Some(span)
+}
+
 /// A child of the current span for creating run `run_id` of `app`: its
 /// context is what the new run records as [`Run::trace`].
 pub fn new_run_span(name: &'static str, function: &'static str, app: &str, run_id: &str) -> Span {
@@ -375,6 +401,7 @@ mod tests {
     use super::*;
     use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_sdk::trace::InMemorySpanExporter;
+    use tracing::Instrument as _;
     use tracing_subscriber::layer::SubscriberExt;
 
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -574,5 +601,110 @@ mod tests {
         };
         assert_eq!(attr("run.id"), Some(run_id));
         assert_eq!(attr("app").as_deref(), Some("web"));
+    }
+
+    #[tokio::test]
+    async fn a_step_queued_from_another_trace_continues_the_runs_trace() {
+        let (exporter, provider, dispatch) = tracing_with_exporter();
+        let _guard = tracing::dispatcher::set_default(&dispatch);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = gantry_store::fs::FsStore::open(dir.path().join("store")).expect("store");
+        let bus = gantry_bus::EmbeddedBus::open(dir.path().join("bus"), Default::default())
+            .await
+            .expect("bus");
+        let config = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n";
+        let deps = crate::Deps {
+            runs: gantry_pipeline::RunStore::new(std::sync::Arc::new(store)),
+            bus: std::sync::Arc::new(bus.clone()),
+            config: std::sync::Arc::new(
+                gantry_pipeline::Config::parse(config, "test.toml").expect("config"),
+            ),
+            secrets: Default::default(),
+            services: Default::default(),
+        };
+        let mut run = Run::new(
+            gantry_pipeline::ids::new_run_id(1_764_237_600_000),
+            gantry_pipeline::AppName::parse("web").expect("app"),
+            gantry_pipeline::RunStatus::Deploying,
+            gantry_pipeline::Source {
+                kind: gantry_pipeline::SourceKind::Github,
+                repo: None,
+                commit: None,
+                git_ref: None,
+                pusher: None,
+                delivery: None,
+                message: None,
+            },
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        run.trace = Some(TraceContext {
+            traceparent: PARENT.into(),
+            tracestate: None,
+        });
+        let digest = gantry_pipeline::Digest::parse(
+            "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7",
+        )
+        .expect("digest");
+        // An operator's request: a trace of its own.
+        let request = http_span("runs-api", &http::Method::POST, &http::HeaderMap::new());
+        crate::steps::send_step(&deps, "deploy", "deploy", &run, &digest, 1, Some(&run.app))
+            .instrument(request.clone())
+            .await
+            .expect("sent");
+        // A step invoked by a message of the run: already in its trace.
+        let mut props = BTreeMap::new();
+        props.insert(TRACEPARENT.to_string(), PARENT.to_string());
+        let invocation = invocation_span(
+            "policy-enforce",
+            &MessageMeta {
+                properties: props,
+                ..MessageMeta::default()
+            },
+        );
+        crate::steps::send_step(&deps, "deploy", "deploy", &run, &digest, 2, Some(&run.app))
+            .instrument(invocation.clone())
+            .await
+            .expect("sent");
+        let request_id = request.context().span().span_context().span_id();
+        let invocation_id = invocation.context().span().span_context().span_id();
+        drop((request, invocation));
+        provider.force_flush().expect("flush");
+        let spans = exporter.get_finished_spans().expect("spans");
+        let queued: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == "run.step-queued")
+            .collect();
+        assert_eq!(
+            queued.len(),
+            1,
+            "only the send from another trace gets a span"
+        );
+        let queued = queued[0];
+        let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex");
+        assert_eq!(queued.span_context.trace_id(), trace);
+        assert_eq!(
+            queued.parent_span_id,
+            SpanId::from_hex("00f067aa0ba902b7").expect("hex")
+        );
+        let links: Vec<_> = queued
+            .links
+            .iter()
+            .map(|l| l.span_context.span_id())
+            .collect();
+        assert_eq!(links, vec![request_id]);
+
+        let sent: Vec<_> = bus
+            .peek("deploy")
+            .await
+            .into_iter()
+            .map(|m| m.properties.get(TRACEPARENT).cloned().expect("traceparent"))
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                format!("00-{trace}-{}-01", queued.span_context.span_id()),
+                format!("00-{trace}-{invocation_id}-01"),
+            ]
+        );
     }
 }
