@@ -245,6 +245,8 @@ async fn one_trace_spans_webhook_registry_push_and_scan_for_one_run() -> Result<
         SpanId::INVALID,
         "GitHub sends no traceparent: a root"
     );
+    assert_eq!(attr(webhook, "run.id").as_deref(), Some(run_id.as_str()));
+    assert_eq!(attr(webhook, "app").as_deref(), Some("web"));
     for span in [created, recorded, scan] {
         assert_eq!(
             span.span_context.trace_id(),

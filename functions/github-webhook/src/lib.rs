@@ -331,6 +331,11 @@ async fn on_push(
             status: run.status,
         });
     }
+    // The request span names the run when there is one (the usual case: one
+    // app per repository); several runs each have their `run.created` span.
+    if let [only] = runs.as_slice() {
+        gantry_runtime::telemetry::record_run(&tracing::Span::current(), &only.app, &only.run_id);
+    }
     Ok((
         StatusCode::ACCEPTED,
         Reply {
@@ -506,8 +511,13 @@ async fn on_workflow_run(
             alert.run_id = Some(id.clone());
             alert.step = Some(steps::CI.into());
             alert.detail = serde_json::json!({"url": event.workflow_run.html_url});
-            deps.send(OutMessage::json("alerts", &alert)?.with_id(format!("{id}:alert:ci-failed")))
-                .await?;
+            let message =
+                OutMessage::json("alerts", &alert)?.with_id(format!("{id}:alert:ci-failed"));
+            // The failure belongs to the run's trace, not to this delivery's.
+            match gantry_runtime::telemetry::continue_run("run.alert-queued", &run) {
+                Some(span) => deps.send(message).instrument(span).await?,
+                None => deps.send(message).await?,
+            }
         }
         if changed {
             deps.audit(AuditEntry {
