@@ -501,3 +501,29 @@ async fn gantry_dev_exports_over_otlp_http_and_logs_json() -> Result<()> {
     ensure!(scan_lines > 0, "no scan-check log line: {logs}");
     Ok(())
 }
+
+/// A mistyped `GANTRY_LOG_FORMAT` is a startup error naming the value, not a
+/// silent fall-back to another format.
+#[test]
+fn an_unknown_log_format_is_refused_by_name() -> Result<()> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .arg("functions")
+        .env("GANTRY_LOG_FORMAT", "jsonl")
+        .output()?;
+    ensure!(!out.status.success(), "accepted GANTRY_LOG_FORMAT=jsonl");
+    let stderr = String::from_utf8(out.stderr)?;
+    ensure!(
+        stderr.contains("GANTRY_LOG_FORMAT") && stderr.contains("\"jsonl\""),
+        "{stderr}"
+    );
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .arg("functions")
+        .env("GANTRY_LOG_FORMAT", "json")
+        .output()?;
+    ensure!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    Ok(())
+}

@@ -275,9 +275,6 @@ async fn on_pushed(
         })
         .await
         .map_err(record)?;
-    // From here on this is the run's work: continue the run's trace (created
-    // by the push), linked to this delivery, so the scan it queues and every
-    // step after it join the trace of the commit.
     // The delivery's span (and its log lines) name the run too: Event Grid
     // delivers one event per message, so one run per invocation in practice.
     gantry_runtime::telemetry::record_run(
@@ -285,6 +282,9 @@ async fn on_pushed(
         app.name.as_str(),
         id.as_str(),
     );
+    // From here on this is the run's work: continue the run's trace (created
+    // by the push), linked to this delivery, so the scan it queues and every
+    // step after it join the trace of the commit.
     let span = gantry_runtime::telemetry::run_span("run.image-recorded", NAME, &run);
     hand_over(event, app, digest, deps, &id, &run, note)
         .instrument(span)
