@@ -499,6 +499,29 @@ async fn gantry_dev_exports_over_otlp_http_and_logs_json() -> Result<()> {
         }
     }
     ensure!(scan_lines > 0, "no scan-check log line: {logs}");
+
+    // The run names its trace, the one the scan-check lines carry.
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(["runs", "show", &run_id, "--state"])
+        .arg(dir.path().join("state"))
+        .env_remove("GANTRY_STORAGE")
+        .output()?;
+    ensure!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let show = String::from_utf8(show.stdout)?;
+    let trace = show
+        .lines()
+        .find_map(|l| l.strip_prefix("trace    "))
+        .with_context(|| format!("no trace line: {show}"))?;
+    for line in logs.lines() {
+        let value: Value = serde_json::from_str(line)?;
+        if value["span"]["function"] == "scan-check" {
+            assert_eq!(value["span"]["trace_id"], trace, "{line}");
+        }
+    }
     Ok(())
 }
 
