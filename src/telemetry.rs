@@ -13,7 +13,6 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use std::sync::OnceLock;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -127,7 +126,7 @@ pub fn init(format: LogFormat) -> Telemetry {
 
     let filter = EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::registry()
-        .with(telemetry::log_layer(format, std::io::stderr).with_filter(filter))
+        .with(telemetry::log_layer(format, filter, std::io::stderr))
         .with(telemetry::layer(&provider, export))
         .init();
     if !export && env_set("APPLICATIONINSIGHTS_CONNECTION_STRING") {

@@ -73,9 +73,11 @@ fn telemetry() -> &'static Telemetry {
         let logs = Lines::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::registry()
-            .with(telemetry::log_layer(LogFormat::Json, move || {
-                writer.clone()
-            }))
+            .with(telemetry::log_layer(
+                LogFormat::Json,
+                tracing_subscriber::EnvFilter::new("info"),
+                move || writer.clone(),
+            ))
             .with(telemetry::layer(&provider, true));
         tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
         Telemetry {

@@ -379,11 +379,23 @@ impl LogFormat {
 /// The log layer: JSON lines carry the event's fields at the top level and
 /// the fields of the current span (`function`, `run.id`, `app`, `trace_id`)
 /// under `span`, plus the whole span stack under `spans`.
-pub fn log_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync + 'static>
+///
+/// `filter` (from `GANTRY_LOG`) selects the events; gantry's own spans stay
+/// visible to the layer whatever it says, so that `GANTRY_LOG=warn` still
+/// writes the run, function and trace of a warning.
+pub fn log_layer<S, W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> Box<dyn Layer<S> + Send + Sync + 'static>
 where
     S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
+    use tracing_subscriber::filter::FilterExt as _;
+    let filter = filter.or(filter_fn(|m| {
+        m.is_span() && *m.level() <= Level::INFO && is_gantry(m.target())
+    }));
     let layer = tracing_subscriber::fmt::layer().with_writer(writer);
     match format {
         LogFormat::Json => layer
@@ -391,8 +403,9 @@ where
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(true)
+            .with_filter(filter)
             .boxed(),
-        LogFormat::Text => layer.compact().boxed(),
+        LogFormat::Text => layer.compact().with_filter(filter).boxed(),
     }
 }
 
@@ -706,5 +719,63 @@ mod tests {
                 format!("00-{trace}-{invocation_id}-01"),
             ]
         );
+    }
+
+    #[test]
+    fn a_warning_names_its_run_function_and_trace_even_at_warn_level() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(log_layer(
+                LogFormat::Json,
+                tracing_subscriber::EnvFilter::new("warn"),
+                move || writer.clone(),
+            ))
+            .with(layer(&provider, false));
+        let mut props = BTreeMap::new();
+        props.insert(TRACEPARENT.to_string(), PARENT.to_string());
+        props.insert(RUN_ID.to_string(), "01m8e2484ydfe6ak73dgnr3tx6".to_string());
+        props.insert(APP.to_string(), "web".to_string());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = invocation_span(
+                "scan-check",
+                &MessageMeta {
+                    properties: props,
+                    ..MessageMeta::default()
+                },
+            );
+            span.in_scope(|| {
+                tracing::info!("not written at warn");
+                tracing::warn!("transient failure");
+            });
+        });
+        let text = String::from_utf8(buf.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = &lines[0];
+        assert_eq!(line["message"], "transient failure");
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["span"]["function"], "scan-check");
+        assert_eq!(line["span"]["run.id"], "01m8e2484ydfe6ak73dgnr3tx6");
+        assert_eq!(line["span"]["app"], "web");
+        assert_eq!(line["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }
