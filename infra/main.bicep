@@ -72,6 +72,9 @@ param alertSettings array = [
 @description('Operator principals when App Service Authentication is on: <object id>:read|operate entries, comma-separated (GANTRY_API_PRINCIPALS; object ids, not secrets). Empty: bearer tokens only.')
 param apiPrincipals string = ''
 
+@description('OTLP/HTTP endpoint for traces (an OpenTelemetry Collector with the azuremonitor exporter, see docs/telemetry.md); empty: no export')
+param otlpEndpoint string = ''
+
 @minValue(1)
 @maxValue(100)
 @description('Deliveries before Service Bus dead-letters a message; also GANTRY_MAX_DELIVERY_COUNT (the last delivery records a transient failure on the run).')
@@ -273,6 +276,8 @@ var appSettings = {
   GANTRY_MAX_DELIVERY_COUNT: string(maxDeliveryCount)
   GANTRY_LOG: 'info'
   GANTRY_LOG_FORMAT: 'json'
+  OTEL_EXPORTER_OTLP_ENDPOINT: otlpEndpoint
+  OTEL_SERVICE_NAME: 'gantry'
   GANTRY_API_PRINCIPALS: apiPrincipals
   GANTRY_GITHUB_WEBHOOK_SECRET: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/gantry-github-webhook-secret)'
   GANTRY_API_TOKENS: '@Microsoft.KeyVault(SecretUri=${vaultUri}secrets/gantry-api-tokens)'

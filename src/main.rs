@@ -8,6 +8,7 @@ mod policy;
 mod runs;
 mod send;
 mod serve;
+mod telemetry;
 mod wiring;
 
 use std::path::PathBuf;
@@ -19,7 +20,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "gantry", version, about, long_about = None)]
 struct Cli {
-    /// Log as JSON lines (default when running under the Functions host).
+    /// Log as JSON lines (same as GANTRY_LOG_FORMAT=json; the default for
+    /// `serve` and under the Functions host).
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
@@ -102,8 +104,21 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    let json_logs = cli.log_json || std::env::var_os("FUNCTIONS_CUSTOMHANDLER_PORT").is_some();
-    init_tracing(json_logs);
+    use gantry_runtime::telemetry::LogFormat;
+    let default = if matches!(cli.command, Command::Serve)
+        || std::env::var_os("FUNCTIONS_CUSTOMHANDLER_PORT").is_some()
+    {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let format = if cli.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::from_env(default).map_err(anyhow::Error::msg)?
+    };
+    // Kept until the end of main: dropping it flushes spans not yet exported.
+    let _telemetry = telemetry::init(format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -125,17 +140,4 @@ fn real_main() -> Result<()> {
             Command::Apps { command } => runs::apps(command).await,
         }
     })
-}
-
-fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.compact().init();
-    }
 }

@@ -569,6 +569,14 @@ pub fn show(run: &Run) -> String {
     if let Some(p) = &s.pusher {
         out.push_str(&format!("pusher   {p}\n"));
     }
+    // The trace id, to look the run up in the tracing backend.
+    if let Some(trace) = run
+        .trace
+        .as_ref()
+        .and_then(|t| t.traceparent.split('-').nth(1))
+    {
+        out.push_str(&format!("trace    {trace}\n"));
+    }
     if let Some(i) = &run.image {
         out.push_str(&format!("image    {}\n", i.reference()));
         if let Some(t) = &i.tag {

@@ -329,6 +329,7 @@ fn every_setting_gantry_serve_reads_is_an_app_setting() -> Result<()> {
                     s.name
                 );
             }
+            Kind::Optional => {}
             Kind::Platform | Kind::Local => assert!(
                 !app.contains_key(s.name),
                 "{} is set by the platform or only local; the Bicep must not set it",

@@ -27,6 +27,7 @@ use gantry_runtime::{ApiError, Deps, Function};
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 
 /// Function name: folder, route segment and span.
 pub const NAME: &str = "github-webhook";
@@ -339,6 +340,11 @@ async fn on_push(
             status: run.status,
         });
     }
+    // The request span names the run when there is one (the usual case: one
+    // app per repository); several runs each have their `run.created` span.
+    if let [only] = runs.as_slice() {
+        gantry_runtime::telemetry::record_run(&tracing::Span::current(), &only.app, &only.run_id);
+    }
     Ok((
         StatusCode::ACCEPTED,
         Reply {
@@ -398,29 +404,38 @@ async fn create_run_for_commit(
             })
             .await?);
     }
-    let run = Run::new(
+    let mut run = Run::new(
         id.clone(),
         app.clone(),
         RunStatus::AwaitingImage,
         source,
         now,
     );
-    // Concurrent deliveries of one commit all reach this point; `create` keeps
-    // the first record. Only the delivery whose record was stored audits the
-    // creation, and every delivery answers with the stored run.
-    if !deps.runs.create(&run).await? {
-        return Ok(deps.runs.get(app, &id).await?.unwrap_or(run));
+    // The run's trace starts here, in a span of its own (one push may start
+    // runs of several apps): every later step of the run continues it.
+    let span =
+        gantry_runtime::telemetry::new_run_span("run.created", NAME, app.as_str(), id.as_str());
+    run.trace = gantry_runtime::telemetry::context_of(&span);
+    async {
+        // Concurrent deliveries of one commit all reach this point; `create` keeps
+        // the first record. Only the delivery whose record was stored audits the
+        // creation, and every delivery answers with the stored run.
+        if !deps.runs.create(&run).await? {
+            return Ok(deps.runs.get(app, &id).await?.unwrap_or(run));
+        }
+        deps.audit(AuditEntry {
+            at: now,
+            actor: NAME.into(),
+            action: "run.created".into(),
+            app: Some(app.clone()),
+            run: Some(id.clone()),
+            detail: serde_json::json!({"commit": sha, "ref": push.git_ref, "delivery": delivery}),
+        })
+        .await;
+        Ok(run)
     }
-    deps.audit(AuditEntry {
-        at: now,
-        actor: NAME.into(),
-        action: "run.created".into(),
-        app: Some(app.clone()),
-        run: Some(id),
-        detail: serde_json::json!({"commit": sha, "ref": push.git_ref, "delivery": delivery}),
-    })
-    .await;
-    Ok(run)
+    .instrument(span)
+    .await
 }
 
 async fn on_workflow_run(
@@ -505,8 +520,13 @@ async fn on_workflow_run(
             alert.run_id = Some(id.clone());
             alert.step = Some(steps::CI.into());
             alert.detail = serde_json::json!({"url": event.workflow_run.html_url});
-            deps.send(OutMessage::json("alerts", &alert)?.with_id(format!("{id}:alert:ci-failed")))
-                .await?;
+            let message =
+                OutMessage::json("alerts", &alert)?.with_id(format!("{id}:alert:ci-failed"));
+            // The failure belongs to the run's trace, not to this delivery's.
+            match gantry_runtime::telemetry::continue_run("run.alert-queued", &run) {
+                Some(span) => deps.send(message).instrument(span).await?,
+                None => deps.send(message).await?,
+            }
         }
         if changed {
             deps.audit(AuditEntry {

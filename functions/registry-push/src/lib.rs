@@ -23,6 +23,7 @@ use gantry_pipeline::{
 };
 use gantry_runtime::{Deps, Done, FromMessage, Function, FunctionError, Invocation};
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 
 /// Function name: folder, route and span.
 pub const NAME: &str = "registry-push";
@@ -274,10 +275,36 @@ async fn on_pushed(
         })
         .await
         .map_err(record)?;
+    // The delivery's span (and its log lines) name the run too: Event Grid
+    // delivers one event per message, so one run per invocation in practice.
+    gantry_runtime::telemetry::record_run(
+        &tracing::Span::current(),
+        app.name.as_str(),
+        id.as_str(),
+    );
+    // From here on this is the run's work: continue the run's trace (created
+    // by the push), linked to this delivery, so the scan it queues and every
+    // step after it join the trace of the commit.
+    let span = gantry_runtime::telemetry::run_span("run.image-recorded", NAME, &run);
+    hand_over(event, app, digest, deps, &id, &run, note)
+        .instrument(span)
+        .await
+}
+
+/// Records the image on the audit trail and queues the scan when the run waits for it.
+async fn hand_over(
+    event: &RegistryEvent,
+    app: &AppConfig,
+    digest: &Digest,
+    deps: &Deps,
+    id: &RunId,
+    run: &Run,
+    note: Option<String>,
+) -> Result<String, RegistryPushError> {
     deps.audit(audit(
         "run.image-recorded",
         app,
-        &id,
+        id,
         serde_json::json!({"digest": digest, "tag": event.tag, "event": event.id}),
     ))
     .await;
@@ -417,13 +444,15 @@ async fn commit_run_for_tag(
         delivery: None,
         message: None,
     };
-    let run = Run::new(
+    let mut run = Run::new(
         id.clone(),
         app.name.clone(),
         RunStatus::AwaitingImage,
         source,
         now,
     );
+    // A run created here starts its trace at this delivery.
+    run.trace = gantry_runtime::telemetry::current();
     if deps.runs.create(&run).await? {
         deps.audit(audit(
             "run.repaired",
@@ -457,13 +486,15 @@ async fn ensure_registry_run(
         delivery: Some(event.id.clone()),
         message: None,
     };
-    let run = Run::new(
+    let mut run = Run::new(
         id.clone(),
         app.name.clone(),
         RunStatus::AwaitingImage,
         source,
         OffsetDateTime::now_utc(),
     );
+    // A run created here starts its trace at this delivery.
+    run.trace = gantry_runtime::telemetry::current();
     // Concurrent deliveries all get here; only the one whose record was stored
     // audits the creation.
     if deps.runs.create(&run).await? {
@@ -558,13 +589,14 @@ async fn fork_run_for_rebuild(
     let candidate = gantry_pipeline::ids::new_run_id(unix_ms(now));
     let id = deps.runs.claim_digest(&run.app, digest, &candidate).await?;
     if deps.runs.get(&run.app, &id).await?.is_none() {
-        let fresh = Run::new(
+        let mut fresh = Run::new(
             id.clone(),
             run.app.clone(),
             RunStatus::AwaitingImage,
             run.source.clone(),
             now,
         );
+        fresh.trace = gantry_runtime::telemetry::current();
         if deps.runs.create(&fresh).await? {
             deps.audit(AuditEntry {
                 at: now,

@@ -17,6 +17,6 @@ pub use messages::{Alert, Severity, StepRequest};
 pub use names::{AppName, CommitSha, Digest, NameError, RunId};
 pub use run::{
     Image, Notification, NotificationOutcome, Retrigger, RollbackOf, Run, RunStatus,
-    SecurityAlertRef, Source, SourceKind, Step, StepStatus,
+    SecurityAlertRef, Source, SourceKind, Step, StepStatus, TraceContext,
 };
 pub use runs::{AuditEntry, ClaimSource, RunStore};

@@ -289,6 +289,12 @@ pub struct Run {
     /// (by key), oldest first. Omitted from the JSON when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_alerts: Vec<SecurityAlertRef>,
+    /// The W3C trace context of the run (the span that created it): every
+    /// step of the run continues this trace, also when it is triggered by an
+    /// event that knows nothing of the run (an Event Grid image push).
+    /// Absent on runs recorded before tracing existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 /// A Defender for Cloud alert recorded on a run (the full record is at
@@ -308,6 +314,18 @@ pub struct SecurityAlertRef {
     /// When gantry recorded it.
     #[serde(with = "time::serde::rfc3339")]
     pub recorded_at: OffsetDateTime,
+}
+
+/// A W3C trace context (`traceparent` and `tracestate`) as kept on a run.
+/// Stored as the header values, so any tracer can continue it; validated when
+/// used (a malformed value starts a new trace, it never fails a step).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// `00-{trace-id}-{parent-id}-{flags}`.
+    pub traceparent: String,
+    /// Vendor-specific trace state, when the tracer keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// What a rollback run re-deploys and why.
@@ -409,6 +427,7 @@ impl Run {
             notifications: Vec::new(),
             retriggers: Vec::new(),
             security_alerts: Vec::new(),
+            trace: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod http_error;
 pub mod rollback;
 pub mod signature;
 pub mod steps;
+pub mod telemetry;
 
 // Every environment variable gantry reads (checked against the code and infra/ by tests/infra.rs).
 pub mod settings;
@@ -32,6 +33,7 @@ use gantry_bus::{MessageBus, OutMessage};
 use gantry_pipeline::{AuditEntry, Config, RunStore};
 use http::StatusCode;
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 
 pub use envelope::{InvokeRequest, InvokeResponse, MessageMeta, TimerInfo};
 pub use http_error::ApiError;
@@ -206,8 +208,11 @@ impl Deps {
         }
     }
 
-    /// Sends a message, classifying failures for the caller.
-    pub async fn send(&self, message: OutMessage) -> Result<(), gantry_bus::BusError> {
+    /// Sends a message, classifying failures for the caller. The message
+    /// carries the current span's trace context (`traceparent`), so the
+    /// function it triggers continues the trace.
+    pub async fn send(&self, mut message: OutMessage) -> Result<(), gantry_bus::BusError> {
+        telemetry::inject(&mut message);
         self.bus.send(message).await
     }
 }
@@ -452,7 +457,19 @@ pub fn app(deps: Arc<Deps>, functions: &[Function]) -> Router {
                     .layer(DefaultBodyLimit::disable()),
                 );
             }
-            Kind::Http(routes) => router = router.merge(routes()),
+            Kind::Http(routes) => {
+                let name = f.name;
+                // One span per forwarded request, named after the function.
+                router = router.merge(routes().layer(axum::middleware::from_fn(
+                    move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                        let span =
+                            telemetry::http_span(name, request.method(), request.headers());
+                        let response = next.run(request).instrument(span.clone()).await;
+                        span.record("http.response.status_code", response.status().as_u16());
+                        response
+                    },
+                )))
+            }
             Kind::Timer(handler) => {
                 let handler = handler.clone();
                 let name = f.name;
@@ -487,9 +504,6 @@ async fn invoke_envelope(
     deps: Arc<Deps>,
     body: axum::body::Bytes,
 ) -> Response {
-    let span = tracing::info_span!("invocation", function = name);
-    let _guard = span.enter();
-    drop(_guard);
     let request: InvokeRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         // The envelope itself is malformed: that is the host (or a caller) not
@@ -500,6 +514,23 @@ async fn invoke_envelope(
         }
     };
     let meta = MessageMeta::from_metadata(&request.metadata);
+    // Parent = the message's traceparent; everything below, the function's
+    // own work and the messages it sends, belongs to this span.
+    let span = telemetry::invocation_span(name, &meta);
+    invoke_message(name, binding, handler, deps, request, meta, body)
+        .instrument(span)
+        .await
+}
+
+async fn invoke_message(
+    name: &'static str,
+    binding: &'static str,
+    handler: QueueHandler,
+    deps: Arc<Deps>,
+    request: InvokeRequest,
+    meta: MessageMeta,
+    body: axum::body::Bytes,
+) -> Response {
     let (outcome, payload) = match envelope::message_bytes(&request.data, binding, false) {
         Ok(bytes) => (
             handler(bytes.clone(), meta.clone(), deps.clone()).await,

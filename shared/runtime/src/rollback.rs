@@ -237,6 +237,8 @@ pub async fn start(deps: &Deps, request: RollbackRequest<'_>) -> Result<Run, Rol
         }
     }
     run.steps.insert(steps::DEPLOY.into(), Step::pending(1));
+    // The rollback run's trace starts at the request (operator or Defender alert).
+    run.trace = crate::telemetry::current();
     run.rollback = Some(RollbackOf {
         run_id: source.id.clone(),
         requested_by: request.requested_by.into(),

@@ -22,6 +22,9 @@ pub enum Kind {
     Platform,
     /// Only for the CLI, `gantry dev`, builds or tests; not read by `gantry serve`.
     Local,
+    /// A standard variable an operator may add as an app setting (the
+    /// OpenTelemetry SDK's switches); the infra leaves it unset.
+    Optional,
 }
 
 /// One environment variable.
@@ -81,6 +84,41 @@ pub const ALL: &[Setting] = &[
         "GANTRY_API_TOKENS",
         Kind::Secret,
         "operator API token hashes (name:scope:sha256hex, comma-separated)",
+    ),
+    setting(
+        "GANTRY_LOG_FORMAT",
+        Kind::AppSetting,
+        "log format: json (default in gantry serve) or text (default in gantry dev)",
+    ),
+    setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        Kind::AppSetting,
+        "OpenTelemetry: OTLP/HTTP endpoint traces are exported to (unset: no export)",
+    ),
+    setting(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        Kind::Optional,
+        "OpenTelemetry: OTLP/HTTP endpoint for traces only",
+    ),
+    setting(
+        "OTEL_SERVICE_NAME",
+        Kind::AppSetting,
+        "OpenTelemetry: service name on exported spans (default gantry)",
+    ),
+    setting(
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        Kind::AppSetting,
+        "Application Insights of the Functions host (gantry logs a hint when it is set without an OTLP endpoint)",
+    ),
+    setting(
+        "OTEL_SDK_DISABLED",
+        Kind::Optional,
+        "OpenTelemetry: true turns the export off",
+    ),
+    setting(
+        "OTEL_TRACES_EXPORTER",
+        Kind::Optional,
+        "OpenTelemetry: none turns the trace export off",
     ),
     setting(
         "GANTRY_API_PRINCIPALS",

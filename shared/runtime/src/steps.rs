@@ -10,6 +10,7 @@ use gantry_pipeline::{
     StepRequest, StepStatus,
 };
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 
 use crate::Deps;
 
@@ -93,7 +94,23 @@ pub async fn send_step(
     if let Some(app) = session {
         message = message.with_session(app.to_string());
     }
-    deps.send(message).await.map_err(queue_err)
+    send_in_run_trace(deps, run, "run.step-queued", message)
+        .await
+        .map_err(queue_err)
+}
+
+/// Sends `message` about `run` so that its receiver continues the run's trace,
+/// also when the sender works in another trace (an operator request).
+async fn send_in_run_trace(
+    deps: &Deps,
+    run: &Run,
+    name: &'static str,
+    message: OutMessage,
+) -> Result<(), BusError> {
+    match crate::telemetry::continue_run(name, run) {
+        Some(span) => deps.send(message).instrument(span).await,
+        None => deps.send(message).await,
+    }
 }
 
 /// Sends an alert about `step` of `run`, de-duplicated by `{run}:alert:{key}`.
@@ -120,7 +137,9 @@ pub async fn alert(
     let message = OutMessage::json("alerts", &alert)
         .map_err(queue_err)?
         .with_id(format!("{}:alert:{key}", run.id));
-    deps.send(message).await.map_err(queue_err)
+    send_in_run_trace(deps, run, "run.alert-queued", message)
+        .await
+        .map_err(queue_err)
 }
 
 /// Blocks `run` at `step`: the digest goes to `apps/{app}/blocked/` first (so
