@@ -570,7 +570,7 @@ fn azd_and_workflows_match_the_code() -> Result<()> {
     assert!(app.contains("org.opencontainers.image.source="));
     assert!(app.contains("--name \"scans/${DIGEST}.trivy.json\""));
     assert!(app.contains("--auth-mode login"));
-    let scan_check = read("functions/scan-check/src/lib.rs")?;
+    let scan_check = read("shared/context/src/lib.rs")?;
     assert!(scan_check.contains("format!(\"scans/{digest}.trivy.json\")"));
 
     // gantry's own workflow: the same test command as CI, the package, OIDC deploy of the zip.

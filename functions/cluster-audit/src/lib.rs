@@ -243,7 +243,7 @@ async fn expected(deps: &Deps, app: &AppConfig) -> Result<Expected, PipelineErro
             current.run_id
         )));
     };
-    let source = match fn_deploy::rendering_source(deps, &run).await? {
+    let source = match gantry_context::rendering_source(deps, &run).await? {
         Ok(s) => s,
         Err(why) => return Ok(Expected::Broken(why)),
     };
@@ -275,7 +275,9 @@ async fn live_objects(
 ) -> Result<Vec<Option<Value>>, String> {
     match deps.config.deploy.target {
         DeployTarget::Kubernetes => {
-            let cluster = fn_deploy::cluster(deps).await.map_err(|e| e.to_string())?;
+            let cluster = gantry_context::cluster(deps)
+                .await
+                .map_err(|e| e.to_string())?;
             cluster.live(objects).await.map_err(|e| e.to_string())
         }
         DeployTarget::Directory => {
@@ -312,7 +314,9 @@ async fn others_in_namespace(
     app: &AppConfig,
     known: &[Value],
 ) -> Result<Vec<Value>, String> {
-    let cluster = fn_deploy::cluster(deps).await.map_err(|e| e.to_string())?;
+    let cluster = gantry_context::cluster(deps)
+        .await
+        .map_err(|e| e.to_string())?;
     let listed = cluster
         .list_namespace(app.namespace().as_str())
         .await
@@ -448,7 +452,7 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
             Err(why) => notes.push(format!("namespace not listed: {why}")),
         }
     }
-    match fn_policy_enforce::policy_set(deps)
+    match gantry_context::policy_set(deps)
         .map_err(|e| e.to_string())
         .and_then(|set| set.evaluate(&present, &[]).map_err(|e| e.to_string()))
     {
@@ -613,16 +617,16 @@ async fn rescan(
     digest: &gantry_pipeline::Digest,
 ) -> Result<Option<String>, AuditError> {
     let settings = deps.config.scan_settings(app);
-    let fetched = match fn_scan_check::fetch(deps, &settings, digest, run.id.as_str()).await {
+    let fetched = match gantry_context::fetch_findings(deps, &settings, digest).await {
         Ok(f) => f,
         Err(e) => return Ok(Some(format!("re-scan not run: {e}"))),
     };
     let findings = match fetched {
-        fn_scan_check::Fetched::Found(f, _) => f,
-        fn_scan_check::Fetched::Pending(what) => {
+        gantry_context::Fetched::Found(f, _) => f,
+        gantry_context::Fetched::Pending(what) => {
             return Ok(Some(format!("re-scan: no findings from {what}")));
         }
-        fn_scan_check::Fetched::Broken(why) => return Ok(Some(format!("re-scan: {why}"))),
+        gantry_context::Fetched::Broken(why) => return Ok(Some(format!("re-scan: {why}"))),
     };
     let verdict = gantry_scan::evaluate(
         &findings,

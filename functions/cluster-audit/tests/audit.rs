@@ -1,7 +1,7 @@
 //! `cluster-audit` fired through the real timer envelope (`POST
 //! /cluster-audit`, as the Functions host and `gantry dev` send it), against
 //! fakes: a `tower-test` fake Kubernetes API server behind a real
-//! `kube::Client` (under [`fn_deploy::CLUSTER_KEY`]), a local HTTP fake of
+//! `kube::Client` (under [`gantry_context::CLUSTER_KEY`]), a local HTTP fake of
 //! the GitHub REST API recording every request, the embedded store and
 //! queue. Alerts are read from the `alerts` queue with their MessageIds.
 
@@ -173,7 +173,7 @@ impl Harness {
         tokio::spawn(serve_kube(handle, objects.clone()));
         let services = Services::default();
         services.insert(
-            fn_deploy::CLUSTER_KEY,
+            gantry_context::CLUSTER_KEY,
             Arc::new(Cluster::new(kube::Client::new(service, "default"))),
         );
         services.insert(

@@ -48,12 +48,9 @@ use time::OffsetDateTime;
 /// Function name: folder, route and span.
 pub const NAME: &str = "deploy";
 
-/// Key of the [`Cluster`] in [`gantry_runtime::Services`]. Absent, the first
-/// `kubernetes` deploy builds it from the kubeconfig or the in-cluster service
-/// account ([`Cluster::from_kubeconfig_or_in_cluster`]) and keeps it for the
-/// process; a host or a test may [`gantry_runtime::Services::insert`] one
-/// first (tests: a client on a fake API server).
-pub const CLUSTER_KEY: &str = "deploy/cluster";
+/// Key of the cluster client in [`gantry_runtime::Services`] (see
+/// [`gantry_context::cluster`]); tests insert a client on a fake API server.
+pub use gantry_context::CLUSTER_KEY;
 
 /// The function's registration.
 pub fn function() -> Function {
@@ -253,7 +250,7 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
     }
     // A rollback run deploys an earlier run's manifests exactly as that run
     // rendered them (its provenance), which is what that run's policy gate checked.
-    let rendered = match rendering_source(deps, &run)
+    let rendered = match gantry_context::rendering_source(deps, &run)
         .await
         .map_err(record)?
         .and_then(|source| {
@@ -554,31 +551,6 @@ async fn supersede(
 
 // ---- kubernetes target -------------------------------------------------------
 
-/// The process's cluster client (see [`CLUSTER_KEY`]).
-pub async fn cluster(deps: &Deps) -> Result<Arc<Cluster>, KubeError> {
-    deps.services
-        .cached_async(CLUSTER_KEY, || async {
-            let Some(id) = &deps.config.deploy.aks_cluster else {
-                return Cluster::from_kubeconfig_or_in_cluster().await;
-            };
-            let Some(credential) = deps.services.credential.clone() else {
-                return Err(KubeError::Connect {
-                    message: format!(
-                        "[deploy] aks_cluster {id} needs an Azure credential; none is configured"
-                    ),
-                });
-            };
-            Cluster::from_aks(
-                id,
-                &deps.config.deploy.arm_endpoint,
-                credential,
-                &deps.services.http,
-            )
-            .await
-        })
-        .await
-}
-
 /// The version a failed rollout of `digest` goes back to: what runs now
 /// (`current`, not yet replaced, since a run is recorded only once verified),
 /// or the previous good version when `current` is this very digest.
@@ -656,7 +628,7 @@ async fn apply_kubernetes(
         run: run_id.clone(),
         source,
     };
-    let cluster = cluster(deps).await.map_err(kube_err)?;
+    let cluster = gantry_context::cluster(deps).await.map_err(kube_err)?;
     let applied = match cluster.apply(&rendered.objects).await {
         Ok(a) => a,
         Err(e) if e.is_transient() => return Err(kube_err(e)),
@@ -806,7 +778,7 @@ async fn verify(
     let now = OffsetDateTime::now_utc();
     let deadline = verify_step.started_at.unwrap_or(now) + deps.config.deploy.verify_deadline;
 
-    let cluster = cluster(deps).await.map_err(kube_err)?;
+    let cluster = gantry_context::cluster(deps).await.map_err(kube_err)?;
     let verdict = match cluster
         .rollout(app.namespace().as_str(), app.name.as_str(), generation)
         .await
@@ -1080,7 +1052,7 @@ async fn previous_manifests(
             target.run_id, target.digest
         )));
     }
-    let source = match rendering_source(deps, &previous).await? {
+    let source = match gantry_context::rendering_source(deps, &previous).await? {
         Ok(source) => source,
         Err(why) => return Ok(Err(why)),
     };
@@ -1096,30 +1068,4 @@ async fn previous_manifests(
         )));
     }
     Ok(Ok(rendered))
-}
-
-/// The run whose provenance `run`'s manifests are rendered with: `run` itself,
-/// or for a rollback run the earlier run it deploys again (which must hold the
-/// same digest). `Err(why)` when that run is gone or does not match.
-pub async fn rendering_source(
-    deps: &Deps,
-    run: &Run,
-) -> Result<Result<Run, String>, PipelineError> {
-    let Some(of) = &run.rollback else {
-        return Ok(Ok(run.clone()));
-    };
-    let Some(source) = deps.runs.get(&run.app, &of.run_id).await? else {
-        return Ok(Err(format!(
-            "the run {} this rollback deploys again is gone",
-            of.run_id
-        )));
-    };
-    let digest = |r: &Run| r.image.as_ref().map(|i| i.digest.clone());
-    if digest(&source) != digest(run) {
-        return Ok(Err(format!(
-            "the run {} this rollback deploys again does not hold its digest",
-            of.run_id
-        )));
-    }
-    Ok(Ok(source))
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use gantry_pipeline::run::steps;
 use gantry_pipeline::{PipelineError, RunStatus, Step, StepRequest, StepStatus};
-use gantry_policy::{PolicySet, Violation};
+use gantry_policy::Violation;
 use gantry_runtime::steps::{self as step, StepError};
 use gantry_runtime::{Deps, Done, FromMessage, Function, FunctionError, Invocation};
 use time::OffsetDateTime;
@@ -76,20 +76,7 @@ impl FunctionError for PolicyEnforceError {
     }
 }
 
-/// The policy set of this process: built-ins plus the configured folder,
-/// compiled once (the slow part) and shared.
-pub fn policy_set(deps: &Deps) -> Result<Arc<PolicySet>, gantry_policy::PolicyError> {
-    let folder = deps
-        .config
-        .policy
-        .folder
-        .as_ref()
-        .map(|f| deps.config.resolve(f));
-    let builtin = deps.config.policy.builtin;
-    deps.services.cached("policy-enforce/policy-set", || {
-        PolicySet::load(builtin, folder.as_deref())
-    })
-}
+pub use gantry_context::policy_set;
 
 /// Handles one `policy` message (lambda style).
 pub async fn handle(

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use gantry_bus::OutMessage;
-use gantry_pipeline::config::{ScanSettings, ScanSource};
+use gantry_pipeline::config::ScanSettings;
 use gantry_pipeline::run::steps;
 use gantry_pipeline::{
     Digest, PipelineError, Run, RunStatus, Severity, Step, StepRequest, StepStatus,
@@ -101,16 +101,7 @@ impl FunctionError for ScanCheckError {
     }
 }
 
-/// What the finding sources said.
-#[derive(Debug)]
-pub enum Fetched {
-    /// Findings are in.
-    Found(Findings, String),
-    /// The source has nothing for this digest yet.
-    Pending(String),
-    /// The report exists but is unusable (permanent: fails the run).
-    Broken(String),
-}
+use gantry_context::Fetched;
 
 /// Handles one `scan` message (lambda style).
 pub async fn handle(inv: Invocation<ScanMessage>, deps: &Deps) -> Result<Done, ScanCheckError> {
@@ -313,83 +304,26 @@ pub async fn handle(inv: Invocation<ScanMessage>, deps: &Deps) -> Result<Done, S
     }
 }
 
-/// Findings for `digest` from the app's source (`run_id` only labels
-/// errors; `cluster-audit` re-checks deployed digests through this too).
-pub async fn fetch(
+/// The digest's findings from the configured source ([`gantry_context::fetch_findings`]),
+/// errors named after this run.
+async fn fetch(
     deps: &Deps,
     settings: &ScanSettings,
     digest: &Digest,
     run_id: &str,
 ) -> Result<Fetched, ScanCheckError> {
-    let failed = |source: ScanError| ScanCheckError::FetchFindings {
-        run: run_id.to_string(),
-        source,
-    };
-    match settings.source {
-        ScanSource::Trivy => {
-            fetch_trivy(deps, digest)
-                .await
-                .map_err(|source| ScanCheckError::Record {
-                    run: run_id.to_string(),
-                    source: source.into(),
-                })
-        }
-        ScanSource::Defender => {
-            let Some(credential) = deps.services.credential.clone() else {
-                return Err(failed(ScanError::AuthenticateResourceGraph {
-                    message: "no Azure credential is configured for the defender source".into(),
-                }));
-            };
-            let endpoint = deps.config.scan.defender.endpoint.clone();
-            let http = deps.services.http.clone();
-            let graph = deps
-                .services
-                .cached("scan-check/resource-graph", || {
-                    gantry_scan::defender::ResourceGraph::new(&endpoint, credential, http)
-                })
-                .map_err(failed)?;
-            match graph
-                .findings(&deps.config.scan.defender.subscriptions, digest)
-                .await
-                .map_err(failed)?
-            {
-                Some(f) => Ok(Fetched::Found(
-                    f,
-                    "Defender for Containers (Resource Graph)".into(),
-                )),
-                None => Ok(Fetched::Pending("Defender for Containers".into())),
-            }
-        }
-    }
-}
-
-/// The Trivy report: `scans/{digest}.trivy.json` in the store (uploaded by CI),
-/// else `{trivy_dir}/{digest}.trivy.json` on disk (`gantry dev`).
-async fn fetch_trivy(deps: &Deps, digest: &Digest) -> Result<Fetched, gantry_store::StoreError> {
-    let name = format!("scans/{digest}.trivy.json");
-    let parse = |bytes: &[u8], origin: String| match gantry_scan::trivy::parse_report(
-        bytes,
-        Some(digest),
-        &origin,
-    ) {
-        Ok(f) => Fetched::Found(f, origin),
-        Err(e) => Fetched::Broken(e.to_string()),
-    };
-    if let Some(v) = deps.runs.raw().get(&name).await? {
-        return Ok(parse(&v.body, name));
-    }
-    if let Some(dir) = &deps.config.scan.trivy_dir {
-        let path = deps
-            .config
-            .resolve(dir)
-            .join(format!("{digest}.trivy.json"));
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => return Ok(parse(&bytes, path.display().to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Ok(Fetched::Broken(format!("reading {}: {e}", path.display()))),
-        }
-    }
-    Ok(Fetched::Pending(format!("Trivy ({name})")))
+    gantry_context::fetch_findings(deps, settings, digest)
+        .await
+        .map_err(|e| match e {
+            gantry_context::FetchError::ReadReport(source) => ScanCheckError::Record {
+                run: run_id.to_string(),
+                source: source.into(),
+            },
+            gantry_context::FetchError::QuerySource(source) => ScanCheckError::FetchFindings {
+                run: run_id.to_string(),
+                source,
+            },
+        })
 }
 
 /// `scans/{digest}.json`: what the gate saw and decided, for operators and CI.

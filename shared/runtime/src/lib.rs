@@ -165,7 +165,7 @@ impl Services {
 
     /// Puts `value` under `key`, replacing what was there: how a host or a
     /// test provides a client up front (e.g. a Kubernetes client on a fake
-    /// API server under `deploy/cluster`), which [`Services::cached`] and
+    /// API server under `gantry_context::CLUSTER_KEY`), which [`Services::cached`] and
     /// [`Services::cached_async`] then return instead of building their own.
     pub fn insert<T: Send + Sync + 'static>(&self, key: &'static str, value: Arc<T>) {
         self.cache
