@@ -42,7 +42,6 @@ pub mod drift;
 pub mod github;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Arc;
 
 use gantry_bus::{BusError, OutMessage};
@@ -281,14 +280,7 @@ async fn live_objects(
             cluster.live(objects).await.map_err(|e| e.to_string())
         }
         DeployTarget::Directory => {
-            let dir = deps.config.resolve(
-                deps.config
-                    .deploy
-                    .dir
-                    .as_deref()
-                    .unwrap_or(Path::new("deploy")),
-            );
-            let folder = dir.join(app.name.as_str());
+            let folder = deps.config.deploy_dir(&app.name);
             let mut out = Vec::with_capacity(objects.len());
             for object in objects {
                 let path = folder.join(gantry_manifests::object_file_name(object));

@@ -278,14 +278,7 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         return Ok(Done(format!("run {run_id}: failed: {reason}")));
     }
 
-    let dir = deps.config.resolve(
-        deps.config
-            .deploy
-            .dir
-            .as_deref()
-            .unwrap_or(Path::new("deploy")),
-    );
-    let target = dir.join(app.name.as_str());
+    let target = deps.config.deploy_dir(&app.name);
     // An unreadable deployed.json (the rollback target) is never overwritten,
     // so it must stop the deploy before the manifests are handed off too.
     let deployed_name = blobs::deployed(&app.name);

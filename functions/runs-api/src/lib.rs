@@ -314,6 +314,24 @@ async fn undo_approval(deps: &Deps, run: &Run) {
     }
 }
 
+/// An operator's reason as recorded: trimmed, blank as none, refused (400
+/// `reason_too_long`) over [`MAX_REASON_CHARS`] characters.
+pub(crate) fn operator_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
+    let reason = reason
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
+    if reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
+    {
+        return Err(ApiError::bad_request(
+            "reason_too_long",
+            format!("reason longer than {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    Ok(reason)
+}
+
 /// Optional body of a rejection.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -339,19 +357,7 @@ async fn reject(
             ApiError::bad_request("bad_body", format!("expected {{\"reason\": \"...\"}}: {e}"))
         })?
     };
-    let reason = body
-        .reason
-        .map(|r| r.trim().to_string())
-        .filter(|r| !r.is_empty());
-    if reason
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
-    {
-        return Err(ApiError::bad_request(
-            "reason_too_long",
-            format!("reason longer than {MAX_REASON_CHARS} characters"),
-        ));
-    }
+    let reason = operator_reason(body.reason)?;
     let run = load(&deps, &id).await?;
     let now = OffsetDateTime::now_utc();
     let summary = match &reason {

@@ -34,7 +34,7 @@ use gantry_runtime::{ApiError, Deps};
 use http::{HeaderMap, StatusCode};
 use time::OffsetDateTime;
 
-use crate::{MAX_REASON_CHARS, load, store_error};
+use crate::{load, store_error};
 
 /// Run statuses a retrigger accepts.
 pub const RETRIGGERABLE: [RunStatus; 4] = [
@@ -171,19 +171,7 @@ pub async fn retrigger(
             format!("from: {:?} is not one of scan, policy, deploy", body.from),
         ));
     };
-    let reason = body
-        .reason
-        .map(|r| r.trim().to_string())
-        .filter(|r| !r.is_empty());
-    if reason
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
-    {
-        return Err(ApiError::bad_request(
-            "reason_too_long",
-            format!("reason longer than {MAX_REASON_CHARS} characters"),
-        ));
-    }
+    let reason = crate::operator_reason(body.reason)?;
     let run = load(&deps, &id).await?;
     if let Some(e) = refusal(&run, from) {
         return Err(e);

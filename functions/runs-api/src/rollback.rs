@@ -17,8 +17,6 @@ use gantry_runtime::rollback::{self, RollbackError, RollbackRequest};
 use gantry_runtime::{ApiError, Deps};
 use http::{HeaderMap, StatusCode};
 
-use crate::MAX_REASON_CHARS;
-
 /// Body of a rollback request.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,23 +54,14 @@ pub(crate) async fn rollback(
         .map(Digest::parse)
         .transpose()
         .map_err(|e| ApiError::bad_request("bad_digest", format!("invalid digest: {e}")))?;
-    if body
-        .reason
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
-    {
-        return Err(ApiError::bad_request(
-            "reason_too_long",
-            format!("reason longer than {MAX_REASON_CHARS} characters"),
-        ));
-    }
+    let reason = crate::operator_reason(body.reason)?;
     let run = rollback::start(
         &deps,
         RollbackRequest {
             app: &app,
             digest: digest.as_ref(),
             requested_by: &principal,
-            reason: body.reason.as_deref(),
+            reason: reason.as_deref(),
         },
     )
     .await

@@ -1172,6 +1172,19 @@ impl Config {
         }
     }
 
+    /// The folder the `directory` target writes `app`'s manifests to:
+    /// `<[deploy] dir>/<app>/`, the dir resolved against this file's folder
+    /// (`gantry dev` sets it to `<state>/deploy`).
+    pub fn deploy_dir(&self, app: &AppName) -> PathBuf {
+        self.resolve(
+            self.deploy
+                .dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new("deploy")),
+        )
+        .join(app.as_str())
+    }
+
     /// Looks an app up by name.
     pub fn app(&self, name: &str) -> Option<&AppConfig> {
         self.apps.iter().find(|a| a.name.as_str() == name)
