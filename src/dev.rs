@@ -460,10 +460,18 @@ async fn deliver(
     let invoke = async {
         match request {
             Ok(req) => match router.oneshot(req).await {
-                Ok(resp) => resp.status(),
+                Ok(resp) => {
+                    let status = resp.status();
+                    // The function's log line says why it failed: kept as the
+                    // dead-letter description of a message that gives up.
+                    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+                        .await
+                        .unwrap_or_default();
+                    (status, failure_reason(&body))
+                }
                 Err(never) => match never {},
             },
-            Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
         }
     };
     tokio::pin!(invoke);
@@ -475,9 +483,9 @@ async fn deliver(
             tracing::warn!(function, message_id = %message.message_id, error = %e, "lock renewal failed");
         }
     };
-    let status = loop {
+    let (status, reason) = loop {
         tokio::select! {
-            status = &mut invoke => break status,
+            outcome = &mut invoke => break outcome,
             _ = tokio::time::sleep(renew_every), if tokio::time::Instant::now() < renew_until => renew().await,
         }
     };
@@ -517,11 +525,37 @@ async fn deliver(
             status = status.as_u16(),
             "invocation failed; abandoning for redelivery"
         );
-        bus.abandon(&message.lock).await
+        if message.delivery_count >= bus.options().max_delivery_count {
+            // The last delivery: dead-letter it ourselves, with the function's
+            // reason rather than only "MaxDeliveryCountExceeded".
+            let description = format!(
+                "{function} failed on delivery {} of {}: {reason}",
+                message.delivery_count,
+                bus.options().max_delivery_count
+            );
+            bus.dead_letter(
+                &message.lock,
+                gantry_bus::embedded::MAX_DELIVERY_COUNT_EXCEEDED,
+                &description,
+            )
+            .await
+        } else {
+            bus.abandon(&message.lock).await
+        }
     };
     if let Err(e) = settled {
         tracing::error!(function, message_id = %message.message_id, error = %e, "settling failed");
     }
+}
+
+/// The first log line of an invocation response (`{"Logs": [...]}`), bounded.
+fn failure_reason(body: &[u8]) -> String {
+    let reply: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let line = reply["Logs"][0]
+        .as_str()
+        .or_else(|| reply["error"]["message"].as_str())
+        .unwrap_or("no reason given");
+    line.chars().take(1000).collect()
 }
 
 fn uses_defender(config: &gantry_pipeline::Config) -> bool {
