@@ -110,8 +110,13 @@ fn setup(digests: &[String]) -> Result<(tempfile::TempDir, PathBuf)> {
     let scans = dir.path().join("scans");
     std::fs::create_dir_all(&scans)?;
     let clean = repo_root().join(format!("examples/scans/{DIGEST}.trivy.json"));
+    let report = std::fs::read_to_string(&clean)?;
     for digest in digests {
-        std::fs::copy(&clean, scans.join(format!("{digest}.trivy.json")))?;
+        // The report names the digest it is for; the gate checks that.
+        std::fs::write(
+            scans.join(format!("{digest}.trivy.json")),
+            report.replace(DIGEST, digest),
+        )?;
     }
     let config = write_config(dir.path(), &scans)?;
     Ok((dir, config))
@@ -571,4 +576,190 @@ async fn a_step_that_keeps_failing_is_dead_lettered_and_fails_its_run_with_the_r
     );
     wait_kind(&host, &received, "run-failed").await?;
     Ok(())
+}
+
+// --------------------------------------------------------------- concurrency
+
+/// The ACR ImagePushed sample for `digest` with tag `tag` and event id `id`.
+fn image_pushed(id: &str, digest: &str, tag: &str) -> Result<Vec<u8>> {
+    let mut events: Value = serde_json::from_slice(&example("acr-image-pushed.json"))?;
+    let event = &mut events[0];
+    event["id"] = id.into();
+    event["subject"] = format!("web:{tag}").into();
+    event["data"]["target"]["digest"] = digest.into();
+    event["data"]["target"]["tag"] = tag.into();
+    Ok(serde_json::to_vec(&events)?)
+}
+
+#[tokio::test]
+async fn eight_images_at_once_deploy_serialized_and_the_newest_wins() -> Result<()> {
+    let digests: Vec<String> = (0..8)
+        .map(|i| format!("sha256:{}", format!("{:x}", 0xa0 + i).repeat(32)))
+        .collect();
+    let (received, hook) = fake_webhook().await?;
+    let (dir, config) = setup(&digests)?;
+    let state = dir.path().join("state");
+    // Four registry-push invocations at once (the default): the runs are
+    // created concurrently, in no particular order.
+    let host = start(&state, &config, &hook, &[], &[]).await?;
+    // All eight sent at once, each from its own task.
+    let mut sends = tokio::task::JoinSet::new();
+    for (i, digest) in digests.iter().enumerate() {
+        let body = image_pushed(&format!("evt-{i}"), digest, &format!("v{i}"))?;
+        let (client, url) = (host.client.clone(), host.url("/dev/queues/registry-events"));
+        sends.spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    while let Some(sent) = sends.join_next().await {
+        assert_eq!(sent??, 201);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let runs = loop {
+        for q in ["registry-events", "scan", "policy", "deploy", "alerts"] {
+            host.drain(q).await?;
+        }
+        let runs = host.runs(&[])?;
+        let settled = runs.iter().all(|r| {
+            matches!(
+                r["status"].as_str(),
+                Some("deployed" | "superseded" | "failed" | "blocked")
+            )
+        });
+        if runs.len() == 8 && settled {
+            break runs;
+        }
+        ensure!(Instant::now() < deadline, "not settled: {runs:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Run ids sort by creation: the newest run is the last one.
+    let mut by_id = runs.clone();
+    by_id.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let newest = by_id.last().expect("eight runs");
+    assert_eq!(newest["status"], "deployed", "{by_id:#?}");
+    let newest_digest = newest["image"]["digest"].as_str().unwrap_or_default();
+    for run in &by_id[..7] {
+        assert!(
+            matches!(run["status"].as_str(), Some("superseded" | "deployed")),
+            "older runs are superseded (or were deployed, then replaced): {run:#}"
+        );
+    }
+    let deployed: Value =
+        serde_json::from_slice(&std::fs::read(state.join("store/apps/web/deployed.json"))?)?;
+    assert_eq!(deployed["current"]["digest"], newest_digest, "{deployed:#}");
+    assert_eq!(deployed["current"]["run_id"], newest["id"]);
+    let files: Vec<String> = std::fs::read_dir(state.join("deploy/web"))?
+        .map(|e| Ok(std::fs::read_to_string(e?.path())?))
+        .collect::<Result<_>>()?;
+    let named: Vec<&String> = files.iter().filter(|f| f.contains("@sha256:")).collect();
+    assert!(!named.is_empty());
+    for text in named {
+        assert!(
+            text.contains(&format!("contoso.azurecr.io/web@{newest_digest}")),
+            "the directory holds only the newest digest: {text}"
+        );
+    }
+    // Serialized on the app's session, newest-run-only: the applies happened
+    // in run order (an older run never applied after a newer one), and every
+    // run that is `deployed` applied exactly once.
+    let applied: Vec<String> = audit(&state, "run.deployed")?
+        .iter()
+        .map(|e| e["run"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut sorted = applied.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(applied, sorted, "applies in run order, each once");
+    let deployed_runs = by_id.iter().filter(|r| r["status"] == "deployed").count();
+    assert_eq!(applied.len(), deployed_runs);
+    let superseded = audit(&state, "run.superseded")?.len();
+    assert_eq!(superseded + deployed_runs, 8, "{by_id:#?}");
+    drop(received);
+    Ok(())
+}
+
+/// Eight tasks each append a distinct marker to one step of one run through
+/// `RunStore::update` at once; every marker must survive.
+async fn eight_writers(store: Arc<dyn gantry_store::StateStore>) -> Result<()> {
+    use gantry_pipeline::{AppName, Run, RunStatus, RunStore, Source, SourceKind, Step};
+    let runs = RunStore::new(store);
+    let now = time::OffsetDateTime::now_utc();
+    let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
+    let app = AppName::parse("web")?;
+    let mut run = Run::new(
+        id.clone(),
+        app.clone(),
+        RunStatus::Scanning,
+        Source {
+            kind: SourceKind::Registry,
+            repo: None,
+            commit: None,
+            git_ref: None,
+            pusher: None,
+            delivery: None,
+            message: None,
+        },
+        now,
+    );
+    run.steps.insert("scan".into(), Step::pending(1));
+    ensure!(runs.create(&run).await?);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (runs, app, id) = (runs.clone(), app.clone(), id.clone());
+        tasks.spawn(async move {
+            runs.update(&app, &id, |r| {
+                let Some(step) = r.steps.get_mut("scan") else {
+                    return Ok(false);
+                };
+                let mut markers = step.details["markers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                markers.push(format!("writer-{i}").into());
+                step.details = serde_json::json!({ "markers": markers });
+                Ok(true)
+            })
+            .await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let stored = runs.get(&app, &id).await?.expect("the run");
+    let mut markers: Vec<String> = stored.steps["scan"].details["markers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.as_str().map(str::to_string))
+        .collect();
+    markers.sort();
+    let expected: Vec<String> = (0..8).map(|i| format!("writer-{i}")).collect();
+    assert_eq!(markers, expected, "no update lost");
+    Ok(())
+}
+
+#[tokio::test]
+async fn eight_writers_on_one_run_lose_no_update_on_the_embedded_store() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = gantry_store::FsStore::open(dir.path().join("store"))?;
+    eight_writers(Arc::new(store)).await
+}
+
+#[tokio::test]
+async fn eight_writers_on_one_run_lose_no_update_on_azurite() -> Result<()> {
+    let azurite = gantry_testkit::Azurite::shared()?;
+    let store = gantry_store::BlobStore::connect(
+        &azurite.connection_string(),
+        &gantry_testkit::unique_name("faults"),
+        None,
+    )?;
+    store.ensure_container().await?;
+    eight_writers(Arc::new(store)).await
 }
