@@ -459,6 +459,8 @@ async fn azurite_down_for_thirty_seconds_mid_run_loses_nothing() -> Result<()> {
         201
     );
     wait_until("a redelivery during the outage", || async {
+        let dead = host.queue("registry-events").await?["stats"]["dead_lettered"].clone();
+        ensure!(dead == 0, "dead-lettered during the outage");
         Ok(max_delivery_count(&host, "registry-events").await? >= 3)
     })
     .await?;
@@ -668,10 +670,34 @@ async fn eight_images_at_once_deploy_serialized_and_the_newest_wins() -> Result<
     // Serialized on the app's session, newest-run-only: the applies happened
     // in run order (an older run never applied after a newer one), and every
     // run that is `deployed` applied exactly once.
-    let applied: Vec<String> = audit(&state, "run.deployed")?
+    let entries = audit(&state, "run.deployed")?;
+    let applied: Vec<String> = entries
         .iter()
         .map(|e| e["run"].as_str().unwrap_or_default().to_string())
         .collect();
+    // Only the newest run may deploy: when a run applied, no newer run of the
+    // app existed yet (else it must have been superseded).
+    let at = |v: &Value| -> Result<time::OffsetDateTime> {
+        let text = v.as_str().unwrap_or_default();
+        Ok(time::OffsetDateTime::parse(
+            text,
+            &time::format_description::well_known::Rfc3339,
+        )?)
+    };
+    for entry in &entries {
+        let applied_at = at(&entry["at"])?;
+        for newer in by_id
+            .iter()
+            .filter(|r| r["id"].as_str() > entry["run"].as_str())
+        {
+            ensure!(
+                at(&newer["created_at"])? > applied_at,
+                "run {} applied at {applied_at} although newer run {} existed: {by_id:#?}",
+                entry["run"],
+                newer["id"]
+            );
+        }
+    }
     let mut sorted = applied.clone();
     sorted.sort();
     sorted.dedup();
