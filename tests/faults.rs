@@ -431,13 +431,17 @@ async fn azurite_down_for_thirty_seconds_mid_run_loses_nothing() -> Result<()> {
     let port = azurite.port();
     let conn = azurite.connection_string();
     let store = ["--storage", conn.as_str(), "--container", "faults"];
-    // Failed deliveries are held 0.5, 1, 2, 4, 8, 8 ... s: ten deliveries
-    // span ~40 s, longer than the outage.
+    // Failed deliveries are held 0.5, 1, 2, 4, 8, 8 ... s: the default ten
+    // deliveries span ~40 s; fifteen (~80 s) leave room for a slow Azurite
+    // restart on a loaded CI machine.
     let host = start(
         &state,
         &config,
         &hook,
-        &[("GANTRY_RETRY_BACKOFF_MS", "500")],
+        &[
+            ("GANTRY_RETRY_BACKOFF_MS", "500"),
+            ("GANTRY_MAX_DELIVERY_COUNT", "15"),
+        ],
         &store,
     )
     .await?;
