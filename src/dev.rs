@@ -34,8 +34,9 @@ pub struct DevArgs {
     port: u16,
     #[command(flatten)]
     store: crate::StoreArgs,
-    /// Deliveries before a message is dead-lettered.
-    #[arg(long, default_value_t = 10)]
+    /// Deliveries before a message is dead-lettered (the same variable tells
+    /// the functions which delivery is the last, so both agree).
+    #[arg(long, default_value_t = 10, env = "GANTRY_MAX_DELIVERY_COUNT")]
     max_delivery_count: u32,
     /// Seconds a received message stays locked.
     #[arg(long, default_value_t = 60)]
@@ -43,6 +44,65 @@ pub struct DevArgs {
     /// Messages of one queue processed concurrently.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Milliseconds a failed delivery is held (lock renewed) before it is
+    /// abandoned, doubled per delivery up to 8 s; 0 abandons at once, as
+    /// Service Bus does. A storage outage then uses up deliveries slowly
+    /// instead of dead-lettering everything within a second.
+    #[arg(long, default_value_t = 0, env = "GANTRY_RETRY_BACKOFF_MS")]
+    retry_backoff_ms: u64,
+}
+
+/// Longest hold of a failed delivery before it is abandoned.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(8);
+
+/// Settings of the dispatchers, shared by every queue.
+#[derive(Clone, Copy)]
+struct DispatchOptions {
+    /// Messages of one queue processed concurrently.
+    concurrency: usize,
+    /// First hold of a failed delivery before abandoning (0: none).
+    retry_backoff: Duration,
+    /// Test-only crash point (`GANTRY_FAULT`), see [`Fault`].
+    fault: Option<Fault>,
+}
+
+/// A fault-injection point for the crash tests (`tests/faults.rs`), read only
+/// by `gantry dev` and only from `GANTRY_FAULT`; never set it outside tests.
+///
+/// `crash-after:<function>:before-ack` aborts the process after `<function>`
+/// returned success for a message (its side effects are done) and before the
+/// message is completed: the exact window in which a real host can die and
+/// the message is delivered again after the restart.
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    /// The function whose successful invocation is followed by the crash.
+    function: &'static str,
+}
+
+impl Fault {
+    /// Parses `GANTRY_FAULT`; an unknown function or point is an error, so a
+    /// mistyped fault never silently tests nothing.
+    fn from_env(functions: &[Function]) -> Result<Option<Fault>> {
+        let Ok(spec) = std::env::var("GANTRY_FAULT") else {
+            return Ok(None);
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let ["crash-after", function, "before-ack"] = parts.as_slice() else {
+            anyhow::bail!(
+                "GANTRY_FAULT={spec:?}: expected crash-after:<function>:before-ack (test-only)"
+            );
+        };
+        let function = functions
+            .iter()
+            .find(|f| f.name == *function)
+            .map(|f| f.name)
+            .with_context(|| format!("GANTRY_FAULT names no function {function:?}"))?;
+        tracing::warn!(
+            function,
+            "GANTRY_FAULT is set: the process aborts after this function succeeds (test-only)"
+        );
+        Ok(Some(Fault { function }))
+    }
 }
 
 /// HTTP requests `gantry dev` serves at once before shedding load.
@@ -111,6 +171,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
         services: crate::wiring::services(&config_uses_azure)?,
     });
     let functions = crate::functions::all();
+    let dispatch_options = DispatchOptions {
+        concurrency: args.concurrency.max(1),
+        retry_backoff: Duration::from_millis(args.retry_backoff_ms),
+        fault: Fault::from_env(&functions)?,
+    };
     let router = gantry_runtime::app(deps.clone(), &functions);
     // Shed load instead of queueing without bound: beyond MAX_IN_FLIGHT requests
     // answer 503 at once (measured: an overloaded backend otherwise let RSS grow
@@ -146,7 +211,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 router.clone(),
                 f.clone(),
                 queue,
-                args.concurrency.max(1),
+                dispatch_options,
             ));
         }
     }
@@ -399,9 +464,9 @@ async fn dispatch(
     router: Router,
     function: Function,
     queue: &'static str,
-    concurrency: usize,
+    options: DispatchOptions,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = Arc::new(Semaphore::new(options.concurrency));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -412,7 +477,7 @@ async fn dispatch(
             Ok(Some(message)) => {
                 let (bus, router, name) = (bus.clone(), router.clone(), function.name);
                 tokio::spawn(async move {
-                    deliver(&bus, router, name, message).await;
+                    deliver(&bus, router, name, message, options).await;
                     drop(permit);
                 });
             }
@@ -441,7 +506,13 @@ async fn dispatch(
     }
 }
 
-async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, message: Received) {
+async fn deliver(
+    bus: &EmbeddedBus,
+    router: Router,
+    function: &'static str,
+    message: Received,
+    options: DispatchOptions,
+) {
     let binding = "message";
     let enqueued = message.enqueued_time.format(&Rfc3339).unwrap_or_default();
     let envelope = gantry_runtime::envelope::host_request_for_message(
@@ -464,26 +535,61 @@ async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, mess
     let invoke = async {
         match request {
             Ok(req) => match router.oneshot(req).await {
-                Ok(resp) => resp.status(),
+                Ok(resp) => {
+                    let status = resp.status();
+                    // The function's log line says why it failed: kept as the
+                    // dead-letter description of a message that gives up.
+                    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+                        .await
+                        .unwrap_or_default();
+                    (status, failure_reason(&body))
+                }
                 Err(never) => match never {},
             },
-            Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
         }
     };
     tokio::pin!(invoke);
     // Like the host, stop renewing after maxAutoLockRenewalDuration (5 min): a
     // hung invocation then loses its lock and the message is redelivered.
     let renew_until = tokio::time::Instant::now() + MAX_LOCK_RENEWAL;
-    let status = loop {
-        tokio::select! {
-            status = &mut invoke => break status,
-            _ = tokio::time::sleep(renew_every), if tokio::time::Instant::now() < renew_until => {
-                if let Err(e) = bus.renew_lock(&message.lock).await {
-                    tracing::warn!(function, message_id = %message.message_id, error = %e, "lock renewal failed");
-                }
-            }
+    let renew = async || {
+        if let Err(e) = bus.renew_lock(&message.lock).await {
+            tracing::warn!(function, message_id = %message.message_id, error = %e, "lock renewal failed");
         }
     };
+    let (status, reason) = loop {
+        tokio::select! {
+            outcome = &mut invoke => break outcome,
+            _ = tokio::time::sleep(renew_every), if tokio::time::Instant::now() < renew_until => renew().await,
+        }
+    };
+    if status.is_success()
+        && let Some(fault) = options.fault
+        && fault.function == function
+    {
+        // Test-only (GANTRY_FAULT): die between the side effects and the
+        // acknowledgement, as a host killed at the worst moment would.
+        eprintln!("GANTRY_FAULT: aborting after {function} before completing its message");
+        std::process::abort();
+    }
+    if !status.is_success() && !options.retry_backoff.is_zero() {
+        // Hold the failed message (lock renewed) before abandoning, doubling
+        // per delivery: an outage then costs a few deliveries, not all of them.
+        let doublings = message.delivery_count.saturating_sub(1).min(16);
+        let hold = options
+            .retry_backoff
+            .saturating_mul(1 << doublings)
+            .min(MAX_RETRY_BACKOFF);
+        let until = tokio::time::Instant::now() + hold;
+        while tokio::time::Instant::now() < until {
+            let step = renew_every.min(until - tokio::time::Instant::now());
+            tokio::time::sleep(step).await;
+            if tokio::time::Instant::now() < until {
+                renew().await;
+            }
+        }
+    }
     let settled = if status.is_success() {
         bus.complete(&message.lock).await
     } else {
@@ -494,11 +600,37 @@ async fn deliver(bus: &EmbeddedBus, router: Router, function: &'static str, mess
             status = status.as_u16(),
             "invocation failed; abandoning for redelivery"
         );
-        bus.abandon(&message.lock).await
+        if message.delivery_count >= bus.options().max_delivery_count {
+            // The last delivery: dead-letter it ourselves, with the function's
+            // reason rather than only "MaxDeliveryCountExceeded".
+            let description = format!(
+                "{function} failed on delivery {} of {}: {reason}",
+                message.delivery_count,
+                bus.options().max_delivery_count
+            );
+            bus.dead_letter(
+                &message.lock,
+                gantry_bus::embedded::MAX_DELIVERY_COUNT_EXCEEDED,
+                &description,
+            )
+            .await
+        } else {
+            bus.abandon(&message.lock).await
+        }
     };
     if let Err(e) = settled {
         tracing::error!(function, message_id = %message.message_id, error = %e, "settling failed");
     }
+}
+
+/// The first log line of an invocation response (`{"Logs": [...]}`), bounded.
+fn failure_reason(body: &[u8]) -> String {
+    let reply: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let line = reply["Logs"][0]
+        .as_str()
+        .or_else(|| reply["error"]["message"].as_str())
+        .unwrap_or("no reason given");
+    line.chars().take(1000).collect()
 }
 
 fn uses_defender(config: &gantry_pipeline::Config) -> bool {

@@ -58,7 +58,7 @@ impl DevHost {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting gantry dev")?;
-        let host = DevHost {
+        let mut host = DevHost {
             child,
             port,
             state: state.to_path_buf(),
@@ -71,8 +71,26 @@ impl DevHost {
             {
                 return Ok(host);
             }
+            if let Some(status) = host.child.try_wait()? {
+                bail!("gantry dev exited with {status} before answering (stderr above)");
+            }
             if Instant::now() > deadline {
                 bail!("gantry dev did not answer /api/health within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the process exits by itself (a fault-injection crash)
+    /// and returns its status.
+    pub async fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("gantry dev did not exit within 60 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

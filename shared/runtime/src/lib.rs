@@ -558,6 +558,9 @@ async fn invoke_message(
                 {
                     tracing::error!(function = name, error = %e, "recording the dead-lettered message failed");
                 }
+                if let Err(e) = fail_run_of_message(&deps, name, &payload, &why).await {
+                    tracing::error!(function = name, error = %e, "recording the dead-lettered message on its run failed");
+                }
             }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -651,6 +654,43 @@ pub fn host_request_for_timer(schedule: &str, past_due: bool, now: &str) -> Invo
         serde_json::json!({"MethodName": TIMER_BINDING, "UtcNow": now, "Schedule": schedule}),
     );
     InvokeRequest { data, metadata }
+}
+
+/// On the last delivery of a step message (`{app, run_id, ...}`) that still
+/// fails: fails the run at the step it was driving (the one still pending or
+/// running) with `reason`, so the run says why it stopped instead of waiting
+/// forever on a message now in the dead-letter queue. Messages that name no
+/// run (registry and Defender events) have only the rejection record.
+async fn fail_run_of_message(
+    deps: &Deps,
+    function: &str,
+    payload: &[u8],
+    reason: &str,
+) -> Result<(), String> {
+    let Ok(request) = serde_json::from_slice::<gantry_pipeline::StepRequest>(payload) else {
+        return Ok(());
+    };
+    let run = deps
+        .runs
+        .get(&request.app, &request.run_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(run) = run else {
+        return Ok(());
+    };
+    let step = run.steps.iter().find_map(|(name, s)| {
+        matches!(
+            s.status,
+            gantry_pipeline::StepStatus::Pending | gantry_pipeline::StepStatus::Running
+        )
+        .then(|| name.clone())
+    });
+    let Some(step) = step else {
+        return Ok(()); // the run moved on meanwhile: nothing is stuck
+    };
+    steps::fail(deps, function, &run, &step, reason)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// `MaxDeliveryCount` of the queues (`GANTRY_MAX_DELIVERY_COUNT`, default 10,

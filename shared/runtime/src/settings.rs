@@ -161,6 +161,16 @@ pub const ALL: &[Setting] = &[
         "gantry runs / apps: the operator API bearer token",
     ),
     setting(
+        "GANTRY_RETRY_BACKOFF_MS",
+        Kind::Local,
+        "gantry dev: first hold of a failed delivery before it is abandoned (doubles, at most 8 s; default 0)",
+    ),
+    setting(
+        "GANTRY_FAULT",
+        Kind::Local,
+        "tests only, gantry dev only: crash-after:<function>:before-ack aborts the process after that function succeeds, before its message is completed",
+    ),
+    setting(
         "GANTRY_AZURITE_BIN",
         Kind::Local,
         "tests: the Azurite executable",

@@ -59,7 +59,7 @@ impl Azurite {
         // probe and Azurite's bind; a fresh port on the next attempt resolves that.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::start_on(&bin, free_port()) {
+            match Self::start_on(&bin, free_port(), None) {
                 Ok(azurite) => return Ok(azurite),
                 Err(e) => last_err = Some(e),
             }
@@ -79,18 +79,35 @@ impl Azurite {
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    fn start_on(bin: &Path, port: u16) -> anyhow::Result<Azurite> {
+    /// Starts Azurite persisting to the directory `location` instead of
+    /// memory, on `port` when given (else a free one).
+    ///
+    /// For outage tests: drop the instance to stop it (the watchdog's `kill`
+    /// is a SIGTERM, on which Azurite saves its metadata), then start it again
+    /// with the same `location` and [`Azurite::port`] and the blobs are back.
+    pub fn start_persistent(location: &Path, port: Option<u16>) -> anyhow::Result<Azurite> {
+        let bin = azurite_bin()?;
+        std::fs::create_dir_all(location)
+            .with_context(|| format!("creating {}", location.display()))?;
+        match port {
+            Some(port) => Self::start_on(&bin, port, Some(location)),
+            None => Self::start_on(&bin, free_port(), Some(location)),
+        }
+    }
+
+    fn start_on(bin: &Path, port: u16, location: Option<&Path>) -> anyhow::Result<Azurite> {
         let port_arg = port.to_string();
+        let persistence: Vec<std::ffi::OsString> = match location {
+            Some(dir) => vec!["--location".into(), dir.as_os_str().to_owned()],
+            None => vec!["--inMemoryPersistence".into()],
+        };
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG)
             .arg(bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port_arg])
+            .args(&persistence)
             .args([
-                "--blobHost",
-                "127.0.0.1",
-                "--blobPort",
-                &port_arg,
-                "--inMemoryPersistence",
                 "--skipApiVersionCheck",
                 "--loose",
                 "--silent",
