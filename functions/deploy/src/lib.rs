@@ -142,27 +142,12 @@ pub async fn handle(inv: Invocation<DeployMessage>, deps: &Deps) -> Result<Done,
         run: run_id.clone(),
         reason,
     };
-    let Some(app) = deps.config.app(request.app.as_str()) else {
-        return Err(check(format!("app {} is not configured", request.app)));
-    };
-    let Some(run) = deps
-        .runs
-        .get(&request.app, &request.run_id)
-        .await
-        .map_err(record)?
-    else {
-        return Err(check("no such run".into()));
-    };
-    let Some(image) = run.image.clone() else {
-        return Err(check("the run has no image".into()));
-    };
+    let step::Subject { app, run, image } =
+        step::subject(deps, &request).await.map_err(|e| match e {
+            step::SubjectError::Check(reason) => check(reason),
+            step::SubjectError::Read(source) => record(source),
+        })?;
     let digest = image.digest.clone();
-    if digest != request.digest {
-        return Err(check(format!(
-            "message digest {} is not the run's {digest}",
-            request.digest
-        )));
-    }
     if let Some(phase) = &request.phase {
         return Err(check(format!("unknown phase {phase:?}")));
     }
@@ -705,27 +690,12 @@ async fn verify(
         run: run_id.clone(),
         source,
     };
-    let Some(app) = deps.config.app(request.app.as_str()) else {
-        return Err(check(format!("app {} is not configured", request.app)));
-    };
-    let Some(run) = deps
-        .runs
-        .get(&request.app, &request.run_id)
-        .await
-        .map_err(record)?
-    else {
-        return Err(check("no such run".into()));
-    };
-    let Some(image) = run.image.clone() else {
-        return Err(check("the run has no image".into()));
-    };
+    let step::Subject { app, run, image } =
+        step::subject(deps, request).await.map_err(|e| match e {
+            step::SubjectError::Check(reason) => check(reason),
+            step::SubjectError::Read(source) => record(source),
+        })?;
     let digest = image.digest.clone();
-    if digest != request.digest {
-        return Err(check(format!(
-            "message digest {} is not the run's {digest}",
-            request.digest
-        )));
-    }
     if !step::waiting_for(&run, RunStatus::Verifying, steps::VERIFY, request.attempt) {
         return verify_redelivered(deps, &run, request.attempt, &image, &digest).await;
     }

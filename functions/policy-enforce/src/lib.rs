@@ -89,31 +89,16 @@ pub async fn handle(
         run: run_id.clone(),
         reason,
     };
-    let Some(app) = deps.config.app(request.app.as_str()) else {
-        return Err(check(format!("app {} is not configured", request.app)));
-    };
-    let Some(run) = deps
-        .runs
-        .get(&request.app, &request.run_id)
-        .await
-        .map_err(|source| PolicyEnforceError::ReadRun {
-            run: run_id.clone(),
-            source,
-        })?
-    else {
-        return Err(check("no such run".into()));
-    };
     // Act on the record, not the message.
-    let Some(image) = run.image.clone() else {
-        return Err(check("the run has no image".into()));
-    };
+    let step::Subject { app, run, image } =
+        step::subject(deps, &request).await.map_err(|e| match e {
+            step::SubjectError::Check(reason) => check(reason),
+            step::SubjectError::Read(source) => PolicyEnforceError::ReadRun {
+                run: run_id.clone(),
+                source,
+            },
+        })?;
     let digest = image.digest.clone();
-    if digest != request.digest {
-        return Err(check(format!(
-            "message digest {} is not the run's {digest}",
-            request.digest
-        )));
-    }
     if !step::waiting_for(
         &run,
         RunStatus::CheckingPolicy,

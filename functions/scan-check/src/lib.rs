@@ -115,39 +115,16 @@ pub async fn handle(inv: Invocation<ScanMessage>, deps: &Deps) -> Result<Done, S
         run: run_id.clone(),
         source,
     };
-    let Some(app) = deps.config.app(request.app.as_str()) else {
-        return Err(ScanCheckError::CheckRequest {
-            run: run_id,
-            reason: format!("app {} is not configured", request.app),
-        });
-    };
-    let Some(run) = deps
-        .runs
-        .get(&request.app, &request.run_id)
-        .await
-        .map_err(record)?
-    else {
-        return Err(ScanCheckError::CheckRequest {
-            run: run_id,
-            reason: "no such run".into(),
-        });
-    };
     // Act on the record, not the message: the digest must be the run's own.
-    let Some(digest) = run.image.as_ref().map(|i| i.digest.clone()) else {
-        return Err(ScanCheckError::CheckRequest {
-            run: run_id,
-            reason: "the run has no image".into(),
-        });
-    };
-    if digest != request.digest {
-        return Err(ScanCheckError::CheckRequest {
-            run: run_id,
-            reason: format!(
-                "message digest {} is not the run's {digest}",
-                request.digest
-            ),
-        });
-    }
+    let step::Subject { app, run, image } =
+        step::subject(deps, &request).await.map_err(|e| match e {
+            step::SubjectError::Check(reason) => ScanCheckError::CheckRequest {
+                run: run_id.clone(),
+                reason,
+            },
+            step::SubjectError::Read(source) => record(source),
+        })?;
+    let digest = image.digest;
     if !step::waiting_for(&run, RunStatus::Scanning, steps::SCAN, request.attempt) {
         // The outcome is recorded, but what follows it (the `policy` message,
         // the alert) may have been lost if the previous delivery failed after

@@ -45,6 +45,61 @@ impl StepError {
     }
 }
 
+/// The run a step message is about, as recorded: every step acts on the
+/// record, not the message.
+#[derive(Debug)]
+pub struct Subject<'a> {
+    /// The app, as configured.
+    pub app: &'a gantry_pipeline::AppConfig,
+    /// The run record.
+    pub run: Run,
+    /// The run's image; its digest is the message's.
+    pub image: gantry_pipeline::Image,
+}
+
+/// Why a step message names no usable run.
+#[derive(Debug)]
+pub enum SubjectError {
+    /// The message does not match the configuration or the record
+    /// (permanent): why.
+    Check(String),
+    /// Reading the run failed.
+    Read(PipelineError),
+}
+
+/// Reads the run `request` names and checks it against the message: the app
+/// is configured, the run exists, has an image, and its digest is the
+/// message's.
+pub async fn subject<'a>(
+    deps: &'a Deps,
+    request: &StepRequest,
+) -> Result<Subject<'a>, SubjectError> {
+    let Some(app) = deps.config.app(request.app.as_str()) else {
+        return Err(SubjectError::Check(format!(
+            "app {} is not configured",
+            request.app
+        )));
+    };
+    let Some(run) = deps
+        .runs
+        .get(&request.app, &request.run_id)
+        .await
+        .map_err(SubjectError::Read)?
+    else {
+        return Err(SubjectError::Check("no such run".into()));
+    };
+    let Some(image) = run.image.clone() else {
+        return Err(SubjectError::Check("the run has no image".into()));
+    };
+    if image.digest != request.digest {
+        return Err(SubjectError::Check(format!(
+            "message digest {} is not the run's {}",
+            request.digest, image.digest
+        )));
+    }
+    Ok(Subject { app, run, image })
+}
+
 /// RFC 3339 of an instant (for messages and records).
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
