@@ -10,15 +10,15 @@
 //! that echoes applies with `metadata.generation` and timestamps every
 //! Namespace PATCH on arrival.
 //!
-//! `cargo bench --bench deploy` prints markdown tables. Runs per mode:
+//! Runs per mode:
 //! `GANTRY_BENCH_DEPLOY_RUNS` (default 300); dispatcher concurrency:
 //! `GANTRY_BENCH_DEPLOY_CONCURRENCY` (default 4, as `gantry dev`).
-
-#![allow(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use std::fmt::Write as _;
 
 use anyhow::{Context, Result, bail, ensure};
 use axum::Router;
@@ -39,6 +39,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tower::ServiceExt as _;
+
+use crate::common::{Headline, Section, Stats, env_or, ms};
 
 const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
@@ -370,34 +372,25 @@ struct Timings {
     settled: Option<Instant>,
 }
 
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
+fn stats(samples: Vec<Duration>) -> Stats {
+    let total = samples.iter().sum();
+    Stats::from_samples(samples, total)
 }
 
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Stats {
-        p50: at(0.50),
-        p99: at(0.99),
-        max: samples[samples.len() - 1],
-    }
+fn cell(d: Duration) -> String {
+    format!("{} ms", ms(d))
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn row(name: &str, n: usize, samples: Vec<Duration>) {
+fn row(out: &mut String, name: &str, n: usize, samples: Vec<Duration>) -> Stats {
     let s = stats(samples);
-    println!(
+    let _ = writeln!(
+        out,
         "| {name} | {n} | {} | {} | {} |",
-        ms(s.p50),
-        ms(s.p99),
-        ms(s.max)
+        cell(s.p(0.5)),
+        cell(s.p(0.99)),
+        cell(s.max())
     );
+    s
 }
 
 /// Per-run latencies: t0 → Namespace PATCH, and its parts.
@@ -425,38 +418,45 @@ impl Samples {
         Ok(())
     }
 
-    fn print(self, mode: &str, n: usize) {
-        row(
+    /// Writes the rows; returns the headline latency (available → first PATCH).
+    fn print(self, out: &mut String, mode: &str, n: usize) -> Stats {
+        let total = row(
+            out,
             &format!("{mode}: **message available → first apply PATCH**"),
             n,
             self.total,
         );
         if !self.send.is_empty() {
             row(
+                out,
                 &format!("{mode}: `send` call (append + fsync)"),
                 n,
                 self.send,
             );
         }
         row(
+            out,
             &format!("{mode}: available → received by dispatcher"),
             n,
             self.to_receive,
         );
         row(
+            out,
             &format!("{mode}: received → first PATCH (envelope, checks, render, HTTP)"),
             n,
             self.handler,
         );
         row(
+            out,
             &format!("{mode}: available → settled (8 applies, run → verifying, verify scheduled)"),
             n,
             self.settled,
         );
+        total
     }
 }
 
-async fn sequential(n: usize, concurrency: usize) -> Result<Bench> {
+async fn sequential(out: &mut String, n: usize, concurrency: usize) -> Result<(Bench, Stats)> {
     let mut bench = Bench::new(1, concurrency).await?;
     bench.start_dispatcher();
     let app = app_name(0);
@@ -469,11 +469,12 @@ async fn sequential(n: usize, concurrency: usize) -> Result<Bench> {
             samples.push(t0, Some(sent), &timings[&app])?;
         }
     }
-    samples.print("sequential", n);
-    Ok(bench)
+    let headline = samples.print(out, "sequential", n);
+    Ok((bench, headline))
 }
 
-async fn burst(n: usize, concurrency: usize) -> Result<()> {
+/// Returns the burst's summary line.
+async fn burst(out: &mut String, n: usize, concurrency: usize) -> Result<String> {
     let mut bench = Bench::new(n, concurrency).await?;
     // One run per app, all messages on the queue before the dispatcher starts:
     // at t0 all n are available at once (a backlog, e.g. after a host restart).
@@ -492,18 +493,17 @@ async fn burst(n: usize, concurrency: usize) -> Result<()> {
     for app in &apps {
         samples.push(t0, None, &timings[app])?;
     }
-    samples.print(&format!("burst, {n} apps"), n);
-    println!(
-        "\nburst: {n} deploys settled in {:.0} ms ({:.0}/s) with dispatcher concurrency {concurrency}",
+    samples.print(out, &format!("burst, {n} apps"), n);
+    Ok(format!(
+        "burst: {n} deploys settled in {:.0} ms ({:.0}/s) with dispatcher concurrency {concurrency}",
         wall.as_secs_f64() * 1e3,
         n as f64 / wall.as_secs_f64()
-    );
-    Ok(())
+    ))
 }
 
 /// The parts of the handler on their own, against the sequential bench's
 /// store (one app with `WARMUP + n` runs).
-async fn parts(bench: &Bench, n: usize) -> Result<()> {
+async fn parts(out: &mut String, bench: &Bench, n: usize) -> Result<()> {
     let app = AppName::parse(&app_name(0))?;
     let ids = bench.runs.list_ids(Some(&app)).await?;
     let (_, last) = ids.last().context("no runs")?;
@@ -539,14 +539,21 @@ async fn parts(bench: &Bench, n: usize) -> Result<()> {
         apply.push(t.elapsed());
     }
     row(
+        out,
         &format!("part: `RunStore::list_ids` (app with {} runs)", ids.len()),
         n,
         list,
     );
-    row("part: `RunStore::get` (one run)", n, get);
-    row("part: run blob get + replace (as `step::start`)", n, write);
-    row("part: `gantry_manifests::render`", n, render);
+    row(out, "part: `RunStore::get` (one run)", n, get);
     row(
+        out,
+        "part: run blob get + replace (as `step::start`)",
+        n,
+        write,
+    );
+    row(out, "part: `gantry_manifests::render`", n, render);
+    row(
+        out,
         &format!(
             "part: `Cluster::apply`, {} objects over loopback HTTP",
             objects.len()
@@ -557,27 +564,37 @@ async fn parts(bench: &Bench, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let env = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let n = env("GANTRY_BENCH_DEPLOY_RUNS", 300).max(1);
-    let concurrency = env("GANTRY_BENCH_DEPLOY_CONCURRENCY", 4).max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        println!("\n## Deploy stage: `deploy` message available → first apply PATCH\n");
-        println!("| scenario | runs | p50 | p99 | max |");
-        println!("|---|---:|---:|---:|---:|");
-        let bench = sequential(n, concurrency).await?;
-        burst(n, concurrency).await?;
-        println!();
-        println!("| part (sequential store) | iterations | p50 | p99 | max |");
-        println!("|---|---:|---:|---:|---:|");
-        parts(&bench, n).await
+pub async fn run() -> Result<Section> {
+    let n: usize = env_or("GANTRY_BENCH_DEPLOY_RUNS", 300)?;
+    let concurrency: usize = env_or("GANTRY_BENCH_DEPLOY_CONCURRENCY", 4)?;
+    let (n, concurrency) = (n.max(1), concurrency.max(1));
+    eprintln!("report: deploy: {n} sequential runs, then a burst of {n} apps");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### Deploy stage: `deploy` message available → first apply PATCH (fake API server)\n"
+    );
+    let _ = writeln!(out, "| scenario | runs | p50 | p99 | max |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let (bench, headline) = sequential(&mut out, n, concurrency).await?;
+    let summary = burst(&mut out, n, concurrency).await?;
+    let _ = writeln!(out, "\n{summary}\n");
+    let _ = writeln!(
+        out,
+        "| part (sequential store) | iterations | p50 | p99 | max |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    parts(&mut out, &bench, n).await?;
+    Ok(Section {
+        headlines: vec![Headline::new(
+            "queue → first apply request (deploy message available → Namespace PATCH)",
+            format!(
+                "p50 {} / p99 {} ms",
+                ms(headline.p(0.5)),
+                ms(headline.p(0.99))
+            ),
+            "–".to_string(),
+        )],
+        detail: out,
     })
 }

@@ -1,60 +1,25 @@
-//! Policy-stage benchmark: what policy-enforce does per run (render the app's
+//! Policy stage: what policy-enforce does per run (render the app's
 //! manifests + build the review inputs + evaluate every policy), next to raw
-//! regorus evaluating one of the same policies on the same object, in one run.
-//!
-//! `cargo bench --bench policy` prints a markdown table. Iterations are set
-//! with `GANTRY_BENCH_POLICY_ITERS` (default 2000).
+//! regorus evaluating one of the same policies on the same object.
+//! Iterations: `GANTRY_BENCH_POLICY_ITERS` (default 2000).
 
-#![allow(missing_docs)]
-
+use std::fmt::Write as _;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use gantry_pipeline::{Config, Digest};
 use gantry_policy::PolicySet;
 
+use crate::common::{Headline, Section, Stats, env_or, measure, per_s};
+
 const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 
-struct Stats {
-    name: String,
-    n: usize,
-    total: Duration,
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-fn measure(name: &str, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
-    for _ in 0..n.min(100) {
-        f()?; // warm-up: caches, allocator
-    }
-    let mut samples = Vec::with_capacity(n);
-    let start = Instant::now();
-    for _ in 0..n {
-        let t = Instant::now();
-        f()?;
-        samples.push(t.elapsed());
-    }
-    let total = start.elapsed();
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok(Stats {
-        name: name.to_string(),
-        n,
-        total,
-        p50: at(0.50),
-        p99: at(0.99),
-        max: samples[samples.len() - 1],
-    })
-}
-
-fn main() -> Result<()> {
+pub fn run() -> Result<Section> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let n: usize = std::env::var("GANTRY_BENCH_POLICY_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+    let n: usize = env_or("GANTRY_BENCH_POLICY_ITERS", 2000)?;
+    anyhow::ensure!(n > 0, "GANTRY_BENCH_POLICY_ITERS must be at least 1");
+    eprintln!("report: policy: {n} iterations per row");
     let mut config = Config::load(&root.join("gantry.toml"))?;
     config.base_dir = Some(root.to_path_buf());
     let app = config.app("web").context("app web")?.clone();
@@ -89,33 +54,30 @@ fn main() -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    rows.push(measure(
+    rows.push((
         "policy stage: render + all policies on all objects",
-        n,
-        || {
+        measure(n, || {
             let rendered = render()?;
             let v = set.evaluate(&rendered.objects, &[])?;
             std::hint::black_box(v);
             Ok(())
-        },
-    )?);
-    rows.push(measure(
+        })?,
+    ));
+    rows.push((
         "PolicySet::evaluate, all policies, all objects (no render)",
-        n,
-        || {
+        measure(n, || {
             std::hint::black_box(set.evaluate(&objects, &[])?);
             Ok(())
-        },
-    )?);
+        })?,
+    ));
     let one = PolicySet::load(false, Some(&folder.join("required-labels")))?;
-    rows.push(measure(
+    rows.push((
         "PolicySet::evaluate, k8srequiredlabels, the Deployment",
-        n,
-        || {
+        measure(n, || {
             std::hint::black_box(one.evaluate(std::slice::from_ref(&deployment), &[])?);
             Ok(())
-        },
-    )?);
+        })?,
+    ));
     let template = std::fs::read_to_string(folder.join("required-labels/template.yaml"))?;
     let (mut engine, rule) = gantry_policy::raw_engine_for_bench(&template)?;
     let input = serde_json::json!({
@@ -124,35 +86,60 @@ fn main() -> Result<()> {
         "parameters": {"labels": ["app.kubernetes.io/name", "app.kubernetes.io/managed-by"]},
     })
     .to_string();
-    rows.push(measure(
+    rows.push((
         "raw regorus (one prepared engine), k8srequiredlabels, the Deployment",
-        n,
-        || {
+        measure(n, || {
             engine.set_input_json(&input)?;
             std::hint::black_box(engine.eval_rule(rule.clone())?);
             Ok(())
-        },
-    )?);
+        })?,
+    ));
 
-    println!(
-        "\n## Policy stage ({} templates, {} constraints, {} objects; policy set compiled in {:.1} ms)\n",
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### Policy stage ({} templates, {} constraints, {} objects; policy set compiled in {:.1} ms)\n",
         set.templates().len(),
         set.constraints(),
         objects.len(),
         load.as_secs_f64() * 1e3
     );
-    println!("| scenario | iterations | per second | p50 | p99 | max |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms |",
-            r.name,
+    let _ = writeln!(
+        out,
+        "| scenario | iterations | per second | p50 | p99 | max |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for (name, r) in &rows {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {:.3} ms | {:.3} ms | {:.3} ms |",
             r.n,
-            r.n as f64 / r.total.as_secs_f64(),
-            r.p50.as_secs_f64() * 1e3,
-            r.p99.as_secs_f64() * 1e3,
-            r.max.as_secs_f64() * 1e3
+            per_s(r.per_second()),
+            r.p(0.5).as_secs_f64() * 1e3,
+            r.p(0.99).as_secs_f64() * 1e3,
+            r.max().as_secs_f64() * 1e3
         );
     }
-    Ok(())
+    let evals = |r: &Stats| {
+        format!(
+            "{}/s (p99 {:.3} ms)",
+            per_s(r.per_second()),
+            r.p(0.99).as_secs_f64() * 1e3
+        )
+    };
+    Ok(Section {
+        headlines: vec![
+            Headline::new(
+                "policy evals/s, one policy on one Deployment",
+                format!("`PolicySet::evaluate`: {}", evals(&rows[2].1)),
+                format!("raw regorus, prepared engine: {}", evals(&rows[3].1)),
+            ),
+            Headline::new(
+                "policy stage per run (render + all policies on all objects)",
+                evals(&rows[0].1),
+                "–".to_string(),
+            ),
+        ],
+        detail: out,
+    })
 }

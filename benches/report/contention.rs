@@ -1,0 +1,172 @@
+//! One-blob contention: 8 writers updating the same run record at once with
+//! `RunStore::update` (read → change → replace if the ETag still matches,
+//! retried on a lost race), what steps and the operator API do to a run.
+//! Baseline: one writer making the same number of updates in sequence. Every
+//! pass checks that no update was lost: the run's counter must equal the
+//! number of updates made.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use gantry_pipeline::{AppName, Run, RunStatus, RunStore, Source, SourceKind, Step};
+use gantry_store::StateStore;
+
+use crate::common::{Headline, Section, Stats, env_or, ms, start_azurite, stop_azurite};
+
+/// Concurrent writers of the contended pass.
+const WRITERS: usize = 8;
+
+/// One pass: updates/s, per-update latency and attempts.
+struct Pass {
+    writers: usize,
+    stats: Stats,
+    attempts: u64,
+    lost: i64,
+}
+
+pub async fn run() -> Result<Section> {
+    let per_writer: usize = env_or("GANTRY_BENCH_CONTENTION_UPDATES", 50)?;
+    ensure!(
+        per_writer > 0,
+        "GANTRY_BENCH_CONTENTION_UPDATES must be at least 1"
+    );
+    let total = WRITERS * per_writer;
+    let mut rows = Vec::new();
+
+    eprintln!("report: contention: Azurite, {WRITERS} writers x {per_writer}");
+    let azurite = start_azurite().await?;
+    let result = async {
+        let store = gantry_store::BlobStore::connect(
+            &azurite.connection_string(),
+            &gantry_testkit::unique_name("contention"),
+            None,
+        )?;
+        store.ensure_container().await?;
+        let store: Arc<dyn StateStore> = Arc::new(store);
+        let one = pass(store.clone(), 1, total).await?;
+        let many = pass(store, WRITERS, per_writer).await?;
+        anyhow::Ok((one, many))
+    }
+    .await;
+    stop_azurite(azurite).await;
+    let (one, many) = result?;
+    rows.push(("Azurite", one));
+    rows.push(("Azurite", many));
+
+    eprintln!("report: contention: embedded store, {WRITERS} writers x {per_writer}");
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn StateStore> =
+        Arc::new(gantry_store::FsStore::open(dir.path().join("store"))?);
+    rows.push(("embedded store", pass(store.clone(), 1, total).await?));
+    rows.push(("embedded store", pass(store, WRITERS, per_writer).await?));
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### One run record, concurrent `RunStore::update` ({total} updates per pass)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| store | writers | updates/s | p50 (ms) | p99 (ms) | max (ms) | attempts per update | lost updates |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (store, p) in &rows {
+        let _ = writeln!(
+            out,
+            "| {store} | {} | {:.0} | {} | {} | {} | {:.2} | {} |",
+            p.writers,
+            p.stats.per_second(),
+            ms(p.stats.p(0.5)),
+            ms(p.stats.p(0.99)),
+            ms(p.stats.max()),
+            p.attempts as f64 / p.stats.n as f64,
+            p.lost
+        );
+    }
+    let cell = |p: &Pass| {
+        format!(
+            "{:.0} updates/s, p99 {} ms, {:.2} attempts/update, {} lost",
+            p.stats.per_second(),
+            ms(p.stats.p(0.99)),
+            p.attempts as f64 / p.stats.n as f64,
+            p.lost
+        )
+    };
+    Ok(Section {
+        headlines: vec![Headline::new(
+            format!("one-blob contention, {WRITERS} writers on one run (Azurite)"),
+            cell(&rows[1].1),
+            format!("1 writer: {}", cell(&rows[0].1)),
+        )],
+        detail: out,
+    })
+}
+
+/// `writers` tasks each make `each` updates of one fresh run; every update
+/// increments `details.count` of its scan step.
+async fn pass(store: Arc<dyn StateStore>, writers: usize, each: usize) -> Result<Pass> {
+    let runs = RunStore::new(store);
+    let now = time::OffsetDateTime::now_utc();
+    let ms_now = u64::try_from(now.unix_timestamp_nanos() / 1_000_000)?;
+    let id = gantry_pipeline::ids::new_run_id(ms_now);
+    let app = AppName::parse("web")?;
+    let mut run = Run::new(
+        id.clone(),
+        app.clone(),
+        RunStatus::Scanning,
+        Source {
+            kind: SourceKind::Registry,
+            repo: None,
+            commit: None,
+            git_ref: None,
+            pusher: None,
+            delivery: None,
+            message: None,
+        },
+        now,
+    );
+    run.steps.insert("scan".into(), Step::pending(1));
+    ensure!(runs.create(&run).await?, "run {id} existed");
+
+    let attempts = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..writers {
+        let (runs, app, id, attempts) = (runs.clone(), app.clone(), id.clone(), attempts.clone());
+        tasks.spawn(async move {
+            let mut samples = Vec::with_capacity(each);
+            for _ in 0..each {
+                let t = Instant::now();
+                runs.update(&app, &id, |r| {
+                    // Called once per attempt: a lost race calls it again.
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    let Some(step) = r.steps.get_mut("scan") else {
+                        return Ok(false);
+                    };
+                    let count = step.details["count"].as_u64().unwrap_or(0);
+                    step.details = serde_json::json!({ "count": count + 1 });
+                    Ok(true)
+                })
+                .await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut samples: Vec<Duration> = Vec::with_capacity(writers * each);
+    while let Some(done) = tasks.join_next().await {
+        samples.extend(done.context("a writer panicked")??);
+    }
+    let wall = start.elapsed();
+    let stored = runs.get(&app, &id).await?.context("the run vanished")?;
+    let count = stored.steps["scan"].details["count"].as_u64().unwrap_or(0);
+    Ok(Pass {
+        writers,
+        stats: Stats::from_samples(samples, wall),
+        attempts: attempts.load(Ordering::Relaxed),
+        lost: (writers * each) as i64 - count as i64,
+    })
+}
