@@ -115,6 +115,22 @@ pub struct AuditEntry {
 /// How many compare-and-swap rounds an update tries before reporting contention.
 const MAX_CAS_ATTEMPTS: u32 = 16;
 
+/// How long a writer that lost compare-and-swap round `attempt` waits:
+/// 1 ms plus a random share of a cap that doubles from 2 ms up to 100 ms ("full
+/// jitter"). Writers that lost the same race then retry at different moments
+/// instead of re-reading together and colliding again in lockstep, as a fixed
+/// delay makes them do. Contention on one run is measured in the `contention`
+/// section of `cargo bench --bench report`.
+fn cas_backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let cap_micros = (2_000u64 << attempt.min(6)).min(100_000);
+    // `RandomState` is randomly keyed per instance: a cheap random number
+    // without another dependency.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(attempt);
+    Duration::from_micros(1_000 + hasher.finish() % cap_micros)
+}
+
 /// Typed access to runs and their indexes.
 #[derive(Clone)]
 pub struct RunStore {
@@ -219,10 +235,7 @@ impl RunStore {
             })?;
             match self.store.replace(&name, &body, &etag).await {
                 Ok(_) => return Ok(run),
-                Err(StoreError::Conflict { .. }) => {
-                    // Back off a little, growing, so a burst of writers spreads out.
-                    tokio::time::sleep(Duration::from_millis(2 + 3 * u64::from(attempt))).await;
-                }
+                Err(StoreError::Conflict { .. }) => tokio::time::sleep(cas_backoff(attempt)).await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -242,7 +255,7 @@ impl RunStore {
         T: Serialize + for<'de> Deserialize<'de> + Default,
         F: FnMut(&mut T) -> Result<bool, PipelineError> + Send,
     {
-        for _ in 0..MAX_CAS_ATTEMPTS {
+        for attempt in 0..MAX_CAS_ATTEMPTS {
             let current = self.read_json::<T>(name).await?;
             let (mut value, etag) = match current {
                 Some((v, etag)) => (v, Some(etag)),
@@ -258,7 +271,7 @@ impl RunStore {
             };
             match result {
                 Ok(_) => return Ok(value),
-                Err(StoreError::Conflict { .. }) => continue,
+                Err(StoreError::Conflict { .. }) => tokio::time::sleep(cas_backoff(attempt)).await,
                 Err(e) => return Err(e.into()),
             }
         }
