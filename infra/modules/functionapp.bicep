@@ -27,6 +27,9 @@ param maximumInstanceCount int = 40
 @description('Memory per instance (MB): 512, 2048 or 4096.')
 param instanceMemoryMB int = 2048
 
+@description('Integration subnet (delegated to Microsoft.App/environments) for private networking; empty: no VNet integration.')
+param virtualNetworkSubnetId string = ''
+
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: 'plan-${name}'
   location: location
@@ -58,6 +61,16 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     // Key Vault references resolve with the user-assigned identity, not a
     // (non-existent) system-assigned one.
     keyVaultReferenceIdentity: identityId
+    // VNet integration (private networking): outbound calls to storage,
+    // Service Bus and Key Vault resolve, through the private DNS zones linked
+    // to the VNet, to the private endpoints' (RFC 1918) addresses, so they go
+    // through the subnet. Flex Consumption integration is configured by
+    // virtualNetworkSubnetId alone (Microsoft's Flex VNet samples set nothing
+    // else); siteConfig.vnetRouteAllEnabled is not set because it is not
+    // checked here against the Flex plan (not verified without `bicep build` /
+    // what-if: docs/deploy.md). Inbound stays public: GitHub must reach
+    // /api/github.
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     siteConfig: {
       minTlsVersion: '1.2'
       ftpsState: 'Disabled'

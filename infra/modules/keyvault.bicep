@@ -12,6 +12,9 @@ param location string
 @description('Tags for every resource.')
 param tags object = {}
 
+@description('Private networking (main.bicep): public network access off; the vault is reached through its private endpoint only.')
+param privateNetworking bool
+
 @description('Secrets to create now: [{ name, value }]. Others (alert channel URLs) are set by the operator later.')
 @secure()
 param secrets object
@@ -30,7 +33,15 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enableSoftDelete: true
     softDeleteRetentionInDays: 30
     enablePurgeProtection: true
-    publicNetworkAccess: 'Enabled'
+    // Private: the Function App resolves its Key Vault references through
+    // the VNet (private endpoint + privatelink.vaultcore.azure.net). The
+    // secrets below are written through ARM (control plane), which the
+    // vault firewall does not apply to.
+    publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'
+    networkAcls: {
+      defaultAction: privateNetworking ? 'Deny' : 'Allow'
+      bypass: 'AzureServices'
+    }
   }
 }
 
