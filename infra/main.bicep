@@ -112,6 +112,9 @@ param privateEndpointSubnetPrefix string = '10.60.1.0/24'
 @description('Resource id of the container registry (Premium SKU) to give a private endpoint in gantry\'s VNet (private networking); empty: none. The registry is not created here: disabling its public access is its owner\'s decision (docs/deploy.md).')
 param privateRegistryId string = ''
 
+@description('Private IP of the Azure Firewall that AKS egress goes through: creates a route table (0.0.0.0/0 → this IP) to associate with the AKS node subnet (outboundType userDefinedRouting). Empty: none. See docs/deploy.md.')
+param aksEgressFirewallIp string = ''
+
 @description('E-mail addresses of the Azure Monitor action group (dead letters, failed runs, function errors).')
 param alertEmails array = []
 
@@ -459,6 +462,19 @@ module registryPrivateEndpoint 'modules/private-endpoint.bicep' = if (privateNet
   }
 }
 
+// AKS egress through Azure Firewall: only the route table; the cluster, its
+// subnet and the firewall are the platform team's (docs/deploy.md).
+module aksEgressRoute 'modules/aks-egress-route.bicep' = if (!empty(aksEgressFirewallIp)) {
+  name: 'aks-egress-route'
+  scope: rg
+  params: {
+    name: 'rt-aks-egress-${environmentName}'
+    location: location
+    tags: tags
+    firewallPrivateIp: aksEgressFirewallIp
+  }
+}
+
 // Azure Monitor: action group + alert rules on dead letters, failed runs and
 // function errors (modules/alerts.bicep).
 module alerts 'modules/alerts.bicep' = {
@@ -592,6 +608,7 @@ output GANTRY_STATE_CONTAINER string = stateContainerName
 output GANTRY_SERVICEBUS_NAMESPACE string = serviceBus.outputs.fullyQualifiedNamespace
 output GANTRY_KEY_VAULT string = vault.outputs.name
 output GANTRY_VNET_ID string = privateNetworking ? network.outputs.vnetId : ''
+output GANTRY_AKS_EGRESS_ROUTE_TABLE_ID string = empty(aksEgressFirewallIp) ? '' : aksEgressRoute.outputs.id
 output GANTRY_ACTION_GROUP_ID string = alerts.outputs.actionGroupId
 // For gantry.toml `[deploy] aks_cluster` (configuration, not an app setting).
 output GANTRY_AKS_CLUSTER_ID string = empty(aksClusterName) ? '' : '/subscriptions/${subscription().subscriptionId}/resourceGroups/${empty(aksResourceGroup) ? resourceGroupName : aksResourceGroup}/providers/Microsoft.ContainerService/managedClusters/${aksClusterName}'

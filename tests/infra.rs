@@ -946,6 +946,31 @@ fn private_networking_covers_every_service_the_code_reaches() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_aks_egress_route_sends_everything_to_the_firewall() -> Result<()> {
+    let main = read("infra/main.bicep")?;
+    assert!(main.contains("param aksEgressFirewallIp string = ''"));
+    let (header, body) = module_block(&main, "aksEgressRoute")?;
+    assert!(header.ends_with("= if (!empty(aksEgressFirewallIp)) {"));
+    assert!(body.contains("firewallPrivateIp: aksEgressFirewallIp"));
+    let route = read("infra/modules/aks-egress-route.bicep")?;
+    let routes = block(&route, "routes: [")?;
+    assert_eq!(
+        routes.matches("addressPrefix:").count(),
+        1,
+        "one route: the default"
+    );
+    for needle in [
+        "addressPrefix: '0.0.0.0/0'",
+        "nextHopType: 'VirtualAppliance'",
+        "nextHopIpAddress: firewallPrivateIp",
+    ] {
+        assert!(routes.contains(needle), "route lacks {needle}");
+    }
+    assert!(route.contains("disableBgpRoutePropagation: true"));
+    Ok(())
+}
+
 /// Whether `pattern` (RE2 syntax, as KQL `matches regex` uses) matches
 /// `text`, evaluated by regorus' `regex.match` (Rust regex, also RE2-like).
 fn re_match(pattern: &str, text: &str) -> Result<bool> {
