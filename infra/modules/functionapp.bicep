@@ -66,14 +66,19 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     // to the VNet, to the private endpoints' (RFC 1918) addresses, so they go
     // through the subnet. Flex Consumption integration is configured by
     // virtualNetworkSubnetId alone (Microsoft's Flex VNet samples set nothing
-    // else); siteConfig.vnetRouteAllEnabled is not set because it is not
-    // checked here against the Flex plan (not verified without `bicep build` /
-    // what-if: docs/deploy.md). Inbound stays public: GitHub must reach
-    // /api/github.
+    // else; siteConfig.vnetRouteAllEnabled is an App Service setting, see
+    // below). Inbound stays public: GitHub must reach /api/github.
     virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
+    // No siteConfig.ftpsState or linuxFxVersion: Flex Consumption rejects
+    // them ("The following list of 2 site configuration properties
+    // (Site.SiteConfig.FtpsState, Site.SiteConfig.LinuxFxVersion) for Flex
+    // Consumption sites is invalid", as reported by Flex users; Microsoft's
+    // list: "Flex Consumption plan deprecations" in the Functions app
+    // settings reference). FTP stays off through the `ftp` publishing policy
+    // below. vnetRouteAllEnabled is left out for the same reason: an App
+    // Service routing switch not known to be accepted on Flex.
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
     }
     functionAppConfig: {
