@@ -97,7 +97,7 @@ param stateContainerName string = 'gantry'
 @description('Maximum Flex Consumption instances.')
 param maximumInstanceCount int = 40
 
-@description('Private networking: a VNet the Function App is integrated into, private endpoints and private DNS zones for the state and host storage accounts (blob), Service Bus (then Premium), Key Vault and, with privateRegistryId, the registry; public network access off on each. Off (default): public endpoints with Entra ID auth only. See docs/deploy.md, "Private networking".')
+@description('Private networking: a VNet the Function App is integrated into, private endpoints and private DNS zones for the state and host storage accounts (blob), Service Bus (then Premium), Key Vault and, with privateRegistryId, the registry; public network access off on storage and Service Bus (Key Vault: see privateKeyVault; the registry is its owner\'s). Off (default): public endpoints with Entra ID auth only. See docs/deploy.md, "Private networking".')
 param privateNetworking bool = false
 
 @description('With privateNetworking, also turn off the Key Vault\'s public network access. Off by default: Flex Consumption cannot resolve Key Vault references against a network-restricted vault, even with VNet integration (Flex Consumption plan docs, "Considerations"), and gantry reads its secrets only through references, so it would fail closed (webhooks and API refused). The vault gets its private endpoint either way. Turn on once that platform limit is gone.')
