@@ -6,7 +6,9 @@
 // `sendQueues` and `appSettings` blocks below are checked against
 // functions/*/function.json, gantry_bus::QUEUES and
 // gantry_runtime::settings::ALL. Keep their shape (one entry per line or per
-// object) when editing.
+// object) when editing. It also reads the private networking modules (one
+// `module <x>PrivateEndpoint` per service, `var privateDnsZones`) and the
+// alert rules in modules/alerts.bicep.
 targetScope = 'subscription'
 
 @minLength(1)
@@ -35,6 +37,9 @@ param aksResourceGroup string = ''
 
 @description('Namespaces gantry deploys to (the `namespace` of every [[apps]] in gantry.toml); each gets AKS RBAC Writer.')
 param managedNamespaces array = []
+
+@description('Namespaces of the mandatory DaemonSets the governance audit (cluster-audit) checks, e.g. kube-system: the identity gets read on DaemonSets there only. Empty: none.')
+param daemonSetNamespaces array = []
 
 @description('Let the identity apply Namespace objects (cluster-scoped custom role with namespaces read/write). Off: namespaces are created and labelled by the platform team, and the deploy step cannot apply them.')
 param allowNamespaceApply bool = true
@@ -92,6 +97,38 @@ param stateContainerName string = 'gantry'
 @description('Maximum Flex Consumption instances.')
 param maximumInstanceCount int = 40
 
+@description('Private networking: a VNet the Function App is integrated into, private endpoints and private DNS zones for the state and host storage accounts (blob), Service Bus (then Premium), Key Vault and, with privateRegistryId, the registry; public network access off on storage and Service Bus (Key Vault: see privateKeyVault; the registry is its owner\'s). Off (default): public endpoints with Entra ID auth only. See docs/deploy.md, "Private networking".')
+param privateNetworking bool = false
+
+@description('With privateNetworking, also turn off the Key Vault\'s public network access. Off by default: Flex Consumption cannot resolve Key Vault references against a network-restricted vault, even with VNet integration (Flex Consumption plan docs, "Considerations"), and gantry reads its secrets only through references, so it would fail closed (webhooks and API refused). The vault gets its private endpoint either way. Turn on once that platform limit is gone.')
+param privateKeyVault bool = false
+
+@description('Address space of gantry\'s VNet (private networking); must not overlap networks you peer or connect it to.')
+param vnetAddressPrefix string = '10.60.0.0/16'
+
+@description('Function App integration subnet (delegated to Microsoft.App/environments).')
+param appSubnetPrefix string = '10.60.0.0/24'
+
+@description('Private endpoint subnet.')
+param privateEndpointSubnetPrefix string = '10.60.1.0/24'
+
+@description('Resource id of the container registry (Premium SKU) to give a private endpoint in gantry\'s VNet (private networking); empty: none. The registry is not created here: disabling its public access is its owner\'s decision (docs/deploy.md).')
+param privateRegistryId string = ''
+
+@description('Private IP of the Azure Firewall that AKS egress goes through: creates a route table (0.0.0.0/0 → this IP) to associate with the AKS node subnet (outboundType userDefinedRouting). Empty: none. See docs/deploy.md.')
+param aksEgressFirewallIp string = ''
+
+@description('E-mail addresses of the Azure Monitor action group (dead letters, failed runs, function errors).')
+param alertEmails array = []
+
+@secure()
+@description('Webhook of the Azure Monitor action group (common alert schema); empty: none.')
+param alertWebhookUrl string = ''
+
+@minValue(0)
+@description('Failed invocations plus exceptions per 15 minutes above which the function-errors alert fires.')
+param functionErrorThreshold int = 5
+
 var token = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
@@ -105,8 +142,24 @@ var names = {
   serviceBus: 'sb-gantry-${token}'
   vault: take('kv-gantry-${token}', 24)
   monitoring: 'gantry-${token}'
+  vnet: 'vnet-gantry-${environmentName}'
 }
 var deploymentContainerName = 'app-package'
+
+// Private DNS zones of the private endpoints (public Azure cloud): blob for
+// both storage accounts, Service Bus, Key Vault, the registry.
+var privateDnsZones = [
+  'privatelink.blob.core.windows.net'
+  'privatelink.servicebus.windows.net'
+  'privatelink.vaultcore.azure.net'
+  'privatelink.azurecr.io'
+]
+// Zone name → id: network.bicep creates them in gantry's resource group.
+var dnsZoneId = toObject(
+  privateDnsZones,
+  z => z,
+  z => resourceId(subscription().subscriptionId, resourceGroupName, 'Microsoft.Network/privateDnsZones', z)
+)
 
 // Built-in role definition GUIDs (the same in every tenant).
 var roles = {
@@ -209,6 +262,7 @@ module storage 'modules/storage.bicep' = {
     deploymentContainerName: deploymentContainerName
     location: location
     tags: tags
+    privateNetworking: privateNetworking
   }
 }
 
@@ -223,6 +277,7 @@ module serviceBus 'modules/servicebus.bicep' = {
     maxDeliveryCount: maxDeliveryCount
     lockDuration: lockDuration
     duplicateDetectionWindow: duplicateDetectionWindow
+    privateNetworking: privateNetworking
   }
 }
 
@@ -233,6 +288,8 @@ module vault 'modules/keyvault.bicep' = {
     name: names.vault
     location: location
     tags: tags
+    // Not plain privateNetworking: see param privateKeyVault.
+    privateNetworking: privateNetworking && privateKeyVault
     secrets: {
       items: [
         {
@@ -296,14 +353,147 @@ module functionApp 'modules/functionapp.bicep' = {
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     appSettings: union(appSettings, alertSettingValues)
     maximumInstanceCount: maximumInstanceCount
+    virtualNetworkSubnetId: privateNetworking ? network.outputs.appSubnetId : ''
   }
   // The host starts with these settings: its identity must already hold the
-  // storage, queue and vault roles, or the first start fails.
+  // storage, queue and vault roles, or the first start fails; with private
+  // networking, the endpoints must exist too.
   dependsOn: [
     resourceRoles
     receiverRoles
     senderRoles
+    stateBlobPrivateEndpoint
+    hostBlobPrivateEndpoint
+    serviceBusPrivateEndpoint
+    vaultPrivateEndpoint
   ]
+}
+
+// Private networking (privateNetworking): the VNet, the DNS zones, and one
+// private endpoint per service the code (or the Functions host) reaches.
+// tests/infra.rs checks each: condition, group id, DNS zone, and that the
+// service's public access is off under the same parameter.
+module network 'modules/network.bicep' = if (privateNetworking) {
+  name: 'network'
+  scope: rg
+  params: {
+    name: names.vnet
+    location: location
+    tags: tags
+    addressPrefix: vnetAddressPrefix
+    appSubnetPrefix: appSubnetPrefix
+    privateEndpointSubnetPrefix: privateEndpointSubnetPrefix
+    dnsZones: privateDnsZones
+  }
+}
+
+// State: gantry's records (GANTRY_STORAGE, blob only).
+module stateBlobPrivateEndpoint 'modules/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-state-blob'
+  scope: rg
+  params: {
+    name: 'pe-${names.stateStorage}-blob'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    targetId: storage.outputs.stateAccountId
+    groupId: 'blob'
+    dnsZoneId: dnsZoneId['privatelink.blob.core.windows.net']
+  }
+}
+
+// Host storage: AzureWebJobsStorage and the Flex deployment container. Blob
+// only: gantry has HTTP, Service Bus and timer triggers (keys, leases and
+// timer status are blobs), no queue/blob triggers or Durable Functions, and
+// the identity holds Blob Data Owner there and nothing for queues or tables.
+module hostBlobPrivateEndpoint 'modules/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-host-blob'
+  scope: rg
+  params: {
+    name: 'pe-${names.hostStorage}-blob'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    targetId: storage.outputs.hostAccountId
+    groupId: 'blob'
+    dnsZoneId: dnsZoneId['privatelink.blob.core.windows.net']
+  }
+}
+
+module serviceBusPrivateEndpoint 'modules/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-servicebus'
+  scope: rg
+  params: {
+    name: 'pe-${names.serviceBus}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    targetId: serviceBus.outputs.id
+    groupId: 'namespace'
+    dnsZoneId: dnsZoneId['privatelink.servicebus.windows.net']
+  }
+}
+
+module vaultPrivateEndpoint 'modules/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-vault'
+  scope: rg
+  params: {
+    name: 'pe-${names.vault}'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    targetId: vault.outputs.id
+    groupId: 'vault'
+    dnsZoneId: dnsZoneId['privatelink.vaultcore.azure.net']
+  }
+}
+
+// The registry is referenced, not created: an endpoint only when its id is
+// given (Premium SKU). gantry's code does not pull images (AKS does; Event
+// Grid's system topic is unaffected by the registry's network rules): the
+// endpoint serves clients in (or peered with) this VNet.
+module registryPrivateEndpoint 'modules/private-endpoint.bicep' = if (privateNetworking && !empty(privateRegistryId)) {
+  name: 'pe-registry'
+  scope: rg
+  params: {
+    name: 'pe-${registryName}-registry'
+    location: location
+    tags: tags
+    subnetId: network.outputs.privateEndpointSubnetId
+    targetId: privateRegistryId
+    groupId: 'registry'
+    dnsZoneId: dnsZoneId['privatelink.azurecr.io']
+  }
+}
+
+// AKS egress through Azure Firewall: only the route table; the cluster, its
+// subnet and the firewall are the platform team's (docs/deploy.md).
+module aksEgressRoute 'modules/aks-egress-route.bicep' = if (!empty(aksEgressFirewallIp)) {
+  name: 'aks-egress-route'
+  scope: rg
+  params: {
+    name: 'rt-aks-egress-${environmentName}'
+    location: location
+    tags: tags
+    firewallPrivateIp: aksEgressFirewallIp
+  }
+}
+
+// Azure Monitor: action group + alert rules on dead letters, failed runs and
+// function errors (modules/alerts.bicep).
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    name: environmentName
+    location: location
+    tags: tags
+    emails: alertEmails
+    webhookUrl: alertWebhookUrl
+    serviceBusId: serviceBus.outputs.id
+    appInsightsId: monitoring.outputs.appInsightsId
+    functionErrorThreshold: functionErrorThreshold
+  }
 }
 
 module resourceRoles 'modules/roles.bicep' = {
@@ -362,7 +552,10 @@ module registryEvents 'modules/eventgrid.bicep' = {
   ]
 }
 
-module defender 'modules/defender.bicep' = if (enableDefenderAutomation) {
+// A consumption Logic App is not a trusted service of Service Bus and has no
+// VNet integration: with private networking it cannot reach the namespace, so
+// it is not created (docs/deploy.md: alternatives).
+module defender 'modules/defender.bicep' = if (enableDefenderAutomation && !privateNetworking) {
   name: 'defender'
   scope: rg
   params: {
@@ -404,6 +597,7 @@ module aksRoles 'modules/aks-roles.bicep' = if (!empty(aksClusterName)) {
     principalId: identity.outputs.principalId
     roles: roles
     allowNamespaceApply: allowNamespaceApply
+    daemonSetNamespaces: daemonSetNamespaces
   }
 }
 
@@ -417,5 +611,8 @@ output GANTRY_STATE_ACCOUNT string = storage.outputs.stateAccountName
 output GANTRY_STATE_CONTAINER string = stateContainerName
 output GANTRY_SERVICEBUS_NAMESPACE string = serviceBus.outputs.fullyQualifiedNamespace
 output GANTRY_KEY_VAULT string = vault.outputs.name
+output GANTRY_VNET_ID string = privateNetworking ? network.outputs.vnetId : ''
+output GANTRY_AKS_EGRESS_ROUTE_TABLE_ID string = empty(aksEgressFirewallIp) ? '' : aksEgressRoute.outputs.id
+output GANTRY_ACTION_GROUP_ID string = alerts.outputs.actionGroupId
 // For gantry.toml `[deploy] aks_cluster` (configuration, not an app setting).
 output GANTRY_AKS_CLUSTER_ID string = empty(aksClusterName) ? '' : '/subscriptions/${subscription().subscriptionId}/resourceGroups/${empty(aksResourceGroup) ? resourceGroupName : aksResourceGroup}/providers/Microsoft.ContainerService/managedClusters/${aksClusterName}'

@@ -455,6 +455,126 @@ fn role_assignments_cover_every_resource_the_code_touches() -> Result<()> {
     assert!(main.contains("module subscriptionReader 'modules/subscription-reader.bicep'"));
     let aks = read("infra/modules/aks-roles.bicep")?;
     assert!(aks.contains("scope: namespace[i]") && aks.contains("roles.aksRbacWriter"));
+    // Beyond Writer (which covers Deployments, Services, ServiceAccounts,
+    // NetworkPolicies and Ingresses to apply, and Deployments, ResourceQuotas
+    // and LimitRanges to read), each custom role grants exactly these data
+    // actions, no wildcard, at the scope named.
+    let expected: BTreeMap<&str, (Vec<&str>, &str)> = BTreeMap::from([
+        (
+            "namespaceSettingsRole",
+            (
+                vec![
+                    "Microsoft.ContainerService/managedClusters/resourcequotas/read",
+                    "Microsoft.ContainerService/managedClusters/resourcequotas/write",
+                    "Microsoft.ContainerService/managedClusters/limitranges/read",
+                    "Microsoft.ContainerService/managedClusters/limitranges/write",
+                ],
+                "namespaceSettings",
+            ),
+        ),
+        (
+            "namespaceObjectsRole",
+            (
+                vec![
+                    "Microsoft.ContainerService/managedClusters/namespaces/read",
+                    "Microsoft.ContainerService/managedClusters/namespaces/write",
+                ],
+                "namespaceObjects",
+            ),
+        ),
+        (
+            "daemonSetReaderRole",
+            (
+                vec!["Microsoft.ContainerService/managedClusters/apps/daemonsets/read"],
+                "daemonSetReader",
+            ),
+        ),
+    ]);
+    let mut found = BTreeMap::new();
+    for (at, _) in aks.match_indices("\nresource ") {
+        let line_end = aks[at + 1..].find('\n').map_or(aks.len(), |i| at + 1 + i);
+        let header = &aks[at + 1..line_end];
+        if !header.contains("'Microsoft.Authorization/roleDefinitions@") {
+            continue;
+        }
+        let name = header.split_whitespace().nth(1).unwrap_or_default();
+        let body = block(&aks, header)?;
+        let actions = string_list(body, "dataActions: [")?;
+        for action in &actions {
+            assert!(
+                !action.contains('*'),
+                "{name}: wildcard data action {action}"
+            );
+        }
+        found.insert(name.to_string(), actions);
+    }
+    assert_eq!(
+        found.keys().map(String::as_str).collect::<Vec<_>>(),
+        expected.keys().copied().collect::<Vec<_>>(),
+        "custom AKS roles"
+    );
+    for (role, (actions, assignment)) in &expected {
+        assert_eq!(
+            found[*role],
+            actions
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<BTreeSet<_>>(),
+            "{role}"
+        );
+        let header_start = aks
+            .find(&format!(
+                "resource {assignment} 'Microsoft.Authorization/roleAssignments@"
+            ))
+            .with_context(|| format!("assignment {assignment}"))?;
+        let assignment_body = &aks[header_start..];
+        let assignment_body = &assignment_body[..assignment_body
+            .find("\n}\n")
+            .unwrap_or(assignment_body.len())];
+        assert!(
+            assignment_body.contains(&format!("roleDefinitionId: {role}.id")),
+            "{assignment} does not assign {role}"
+        );
+    }
+    // Per namespace wherever Kubernetes allows it (Namespace objects are cluster-scoped).
+    for (assignment, scope) in [
+        ("namespaceSettings", "scope: namespace[i]"),
+        ("daemonSetReader", "scope: daemonSetNamespace[i]"),
+        ("namespaceObjects", "scope: cluster"),
+    ] {
+        let at = aks
+            .find(&format!("resource {assignment} '"))
+            .with_context(|| assignment.to_string())?;
+        let rest = &aks[at..];
+        let rest = &rest[..rest.find("\n}\n").unwrap_or(rest.len())];
+        assert!(rest.contains(scope), "{assignment} must be at {scope}");
+    }
+    assert!(aks.contains("for ns in daemonSetNamespaces:"));
+    let (_, aks_module) = module_block(&main, "aksRoles")?;
+    assert!(aks_module.contains("daemonSetNamespaces: daemonSetNamespaces"));
+    // SecretProviderClass is a custom resource Azure RBAC cannot name: a
+    // Kubernetes Role per namespace grants apply (not delete, nothing else).
+    let spc = read("infra/kubernetes/secretproviderclass-role.yaml")?;
+    assert!(spc.contains("kind: Role\n") && !spc.contains("ClusterRole"));
+    assert!(spc.contains("apiGroups: [\"secrets-store.csi.x-k8s.io\"]"));
+    assert!(spc.contains("resources: [\"secretproviderclasses\"]"));
+    let verbs = spc
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("verbs: "))
+        .context("verbs")?;
+    for verb in ["\"create\"", "\"patch\"", "\"get\""] {
+        assert!(
+            verbs.contains(verb),
+            "SecretProviderClass role lacks {verb}"
+        );
+    }
+    for verb in ["delete", "*", "escalate", "bind"] {
+        assert!(
+            !verbs.contains(verb),
+            "SecretProviderClass role grants {verb}"
+        );
+    }
+    assert!(spc.contains("kind: User\n    name: ${GANTRY_PRINCIPAL_ID}"));
 
     // The role GUIDs are the built-in roles they are named after.
     let ids = block(&main, "var roles = {")?;
@@ -579,5 +699,469 @@ fn azd_and_workflows_match_the_code() -> Result<()> {
     assert!(own.contains("-- package --out dist"));
     assert!(own.contains("package: dist.zip"));
     assert!(own.contains("id-token: write") && !own.contains("secrets."));
+    Ok(())
+}
+
+/// `module <symbol> '<path>' = <condition>{` header of main.bicep and its body.
+fn module_block<'a>(main: &'a str, symbol: &str) -> Result<(&'a str, &'a str)> {
+    let start = main
+        .find(&format!("module {symbol} '"))
+        .with_context(|| format!("module {symbol} not found in infra/main.bicep"))?;
+    let line_end = main[start..].find('\n').map_or(main.len(), |i| start + i);
+    let header = &main[start..line_end];
+    let body = block(&main[start..], header)?;
+    Ok((header, body))
+}
+
+/// Every service the code (or the Functions host) reaches, by the app
+/// settings that point it there: a setting whose value reads the outputs of
+/// one of these modules makes that service reachable.
+const REACHED: [(&str, &str); 4] = [
+    ("storage.outputs.state", "state"),
+    ("storage.outputs.host", "host"),
+    ("serviceBus.outputs.", "servicebus"),
+    ("${vaultUri}", "vault"),
+];
+
+/// Modules an app setting may read without being a network destination of
+/// its own: the identity (ids, not an endpoint) and monitoring (Application
+/// Insights ingestion stays public: no Azure Monitor Private Link Scope, see
+/// docs/deploy.md).
+const NOT_PRIVATE: [&str; 2] = ["identity.outputs.", "monitoring.outputs."];
+
+#[test]
+fn private_networking_covers_every_service_the_code_reaches() -> Result<()> {
+    let main = read("infra/main.bicep")?;
+    // The default stays the public, deployable layout.
+    assert!(main.contains("param privateNetworking bool = false"));
+
+    // Which services the settings reach (the code reads exactly these
+    // settings: the_code_reads_only_listed_settings).
+    let settings = bicep_app_settings(&main)?;
+    let mut reached = BTreeSet::new();
+    for (name, value) in &settings {
+        let mut known = false;
+        for (needle, service) in REACHED {
+            if value.contains(needle) {
+                reached.insert(service);
+                known = true;
+            }
+        }
+        let module_ref = value.contains(".outputs.") || value.contains("${vaultUri}");
+        if module_ref && !known {
+            assert!(
+                NOT_PRIVATE.iter().any(|n| value.contains(n)),
+                "app setting {name} = {value} reaches a service the private networking test does not know: give it a private endpoint and add it to REACHED"
+            );
+        }
+    }
+    assert_eq!(
+        reached,
+        BTreeSet::from(["state", "host", "servicebus", "vault"]),
+        "the scan must find every service (state, host, Service Bus, Key Vault)"
+    );
+
+    // One private endpoint per service: condition, target, group id, DNS zone.
+    let endpoints = [
+        (
+            "state",
+            "stateBlobPrivateEndpoint",
+            "if (privateNetworking)",
+            "storage.outputs.stateAccountId",
+            "blob",
+            "privatelink.blob.core.windows.net",
+        ),
+        (
+            "host",
+            "hostBlobPrivateEndpoint",
+            "if (privateNetworking)",
+            "storage.outputs.hostAccountId",
+            "blob",
+            "privatelink.blob.core.windows.net",
+        ),
+        (
+            "servicebus",
+            "serviceBusPrivateEndpoint",
+            "if (privateNetworking)",
+            "serviceBus.outputs.id",
+            "namespace",
+            "privatelink.servicebus.windows.net",
+        ),
+        (
+            "vault",
+            "vaultPrivateEndpoint",
+            "if (privateNetworking)",
+            "vault.outputs.id",
+            "vault",
+            "privatelink.vaultcore.azure.net",
+        ),
+        // The registry is referenced, not created: an endpoint only when its id is given.
+        (
+            "registry",
+            "registryPrivateEndpoint",
+            "if (privateNetworking && !empty(privateRegistryId))",
+            "privateRegistryId",
+            "registry",
+            "privatelink.azurecr.io",
+        ),
+    ];
+    let zones = string_list(&main, "var privateDnsZones = [")?;
+    for service in &reached {
+        assert!(
+            endpoints.iter().any(|e| e.0 == *service),
+            "{service} has no private endpoint"
+        );
+    }
+    for (service, symbol, condition, target, group, zone) in endpoints {
+        let (header, body) = module_block(&main, symbol)?;
+        assert!(
+            header.contains("'modules/private-endpoint.bicep'"),
+            "{symbol}: {header}"
+        );
+        assert!(
+            header.ends_with(&format!("= {condition} {{")),
+            "{service}: the endpoint must be created under `{condition}`, header is {header}"
+        );
+        for line in [
+            format!("targetId: {target}\n"),
+            format!("groupId: '{group}'\n"),
+            format!("dnsZoneId: dnsZoneId['{zone}']\n"),
+            "subnetId: network.outputs.privateEndpointSubnetId\n".to_string(),
+            "scope: rg\n".to_string(),
+        ] {
+            assert!(body.contains(&line), "{symbol} lacks `{}`", line.trim());
+        }
+        assert!(zones.contains(zone), "DNS zone {zone} is not created");
+    }
+    // The zones exist, are linked to the VNet, and the ids point at them.
+    let (network_header, network) = module_block(&main, "network")?;
+    assert!(network_header.ends_with("= if (privateNetworking) {"));
+    assert!(network.contains("dnsZones: privateDnsZones"));
+    assert!(main.contains(
+        "z => resourceId(subscription().subscriptionId, resourceGroupName, 'Microsoft.Network/privateDnsZones', z)"
+    ));
+    let network_bicep = read("infra/modules/network.bicep")?;
+    let links = block(
+        &network_bicep,
+        "resource link 'Microsoft.Network/privateDnsZones/virtualNetworkLinks@2020-06-01' = [",
+    )?;
+    assert!(links.contains("for (z, i) in dnsZones:") && links.contains("id: vnet.id"));
+    assert!(network_bicep.contains("for z in dnsZones:"));
+    let endpoint = read("infra/modules/private-endpoint.bicep")?;
+    for needle in [
+        "privateLinkServiceId: targetId",
+        "groupIds: [\n            groupId\n          ]",
+        "privateDnsZoneId: dnsZoneId",
+        "id: subnetId",
+    ] {
+        assert!(
+            endpoint.contains(needle),
+            "private-endpoint.bicep lacks {needle}"
+        );
+    }
+
+    // Public access off, under the same parameter, on every service with an
+    // endpoint (the registry's is its owner's: docs/deploy.md).
+    for symbol in ["storage", "serviceBus"] {
+        let (_, body) = module_block(&main, symbol)?;
+        assert!(
+            body.contains("privateNetworking: privateNetworking\n"),
+            "module {symbol} does not get privateNetworking"
+        );
+    }
+    // The one documented exception: Flex Consumption cannot resolve Key Vault
+    // references against a network-restricted vault, and gantry reads its
+    // secrets only through references. The vault gets its endpoint always,
+    // its public access goes off only when asked for explicitly.
+    let (_, vault_module) = module_block(&main, "vault")?;
+    assert!(vault_module.contains("privateNetworking: privateNetworking && privateKeyVault\n"));
+    assert!(main.contains("param privateKeyVault bool = false"));
+    assert!(read("docs/deploy.md")?.contains("`privateKeyVault`"));
+    let public_off = "publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'";
+    let storage = read("infra/modules/storage.bicep")?;
+    let account_properties = block(&storage, "var accountProperties = {")?;
+    assert!(account_properties.contains(public_off));
+    assert!(account_properties.contains("defaultAction: privateNetworking ? 'Deny' : 'Allow'"));
+    assert_eq!(
+        storage.matches("properties: accountProperties\n").count(),
+        2,
+        "both accounts (host and state) use the shared account properties"
+    );
+    let vault = read("infra/modules/keyvault.bicep")?;
+    assert!(vault.contains(public_off));
+    assert!(vault.contains("defaultAction: privateNetworking ? 'Deny' : 'Allow'"));
+
+    // Service Bus: Premium (private endpoints exist only there), public off,
+    // trusted services (Event Grid delivery) still allowed.
+    let sb = read("infra/modules/servicebus.bicep")?;
+    assert!(sb.contains("var sku = privateNetworking ? premiumSku : standardSku"));
+    let premium = block(&sb, "var premiumSku = {")?;
+    assert!(premium.contains("name: 'Premium'") && premium.contains("tier: 'Premium'"));
+    let namespace = block(
+        &sb,
+        "resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {",
+    )?;
+    assert!(namespace.contains("sku: sku\n") && namespace.contains(public_off));
+    let rules = block(
+        &sb,
+        "resource networkRules 'Microsoft.ServiceBus/namespaces/networkRuleSets@2024-01-01' = if (privateNetworking) {",
+    )?;
+    for needle in [
+        "publicNetworkAccess: 'Disabled'",
+        "defaultAction: 'Deny'",
+        "trustedServiceAccessEnabled: true",
+    ] {
+        assert!(rules.contains(needle), "networkRuleSets lacks {needle}");
+    }
+    // Event Grid uses the trusted-service path only with a managed identity.
+    assert!(read("infra/modules/eventgrid.bicep")?.contains("deliveryWithResourceIdentity"));
+    // The consumption Logic App cannot reach a private namespace: not created then.
+    assert!(main.contains(
+        "module defender 'modules/defender.bicep' = if (enableDefenderAutomation && !privateNetworking) {"
+    ));
+
+    // The Function App is VNet-integrated in the delegated subnet, and starts
+    // only once the endpoints exist.
+    let (_, app) = module_block(&main, "functionApp")?;
+    assert!(
+        app.contains(
+            "virtualNetworkSubnetId: privateNetworking ? network.outputs.appSubnetId : ''"
+        )
+    );
+    for dep in [
+        "stateBlobPrivateEndpoint",
+        "hostBlobPrivateEndpoint",
+        "serviceBusPrivateEndpoint",
+        "vaultPrivateEndpoint",
+    ] {
+        assert!(app.contains(dep), "functionApp does not depend on {dep}");
+    }
+    let function_app = read("infra/modules/functionapp.bicep")?;
+    assert!(function_app.contains(
+        "virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId"
+    ));
+    // Site settings Flex Consumption rejects stay out of the site.
+    let site_config = block(&function_app, "    siteConfig: {")?;
+    for rejected in ["ftpsState", "linuxFxVersion", "vnetRouteAllEnabled"] {
+        assert!(
+            !site_config.contains(rejected),
+            "functionapp.bicep sets {rejected}, which Flex Consumption does not accept"
+        );
+    }
+    let vnet = block(
+        &network_bicep,
+        "resource vnet 'Microsoft.Network/virtualNetworks@2023-11-01' = {",
+    )?;
+    let app_subnet = &vnet[vnet.find("name: 'snet-app'").context("snet-app")?..];
+    let app_subnet = &app_subnet[..app_subnet.find("name: 'snet-pe'").context("snet-pe")?];
+    assert!(
+        app_subnet.contains("serviceName: 'Microsoft.App/environments'"),
+        "the Flex Consumption integration subnet must be delegated to Microsoft.App/environments"
+    );
+    assert!(network_bicep.contains("output appSubnetId string = '${vnet.id}/subnets/snet-app'"));
+    Ok(())
+}
+
+#[test]
+fn the_aks_egress_route_sends_everything_to_the_firewall() -> Result<()> {
+    let main = read("infra/main.bicep")?;
+    assert!(main.contains("param aksEgressFirewallIp string = ''"));
+    let (header, body) = module_block(&main, "aksEgressRoute")?;
+    assert!(header.ends_with("= if (!empty(aksEgressFirewallIp)) {"));
+    assert!(body.contains("firewallPrivateIp: aksEgressFirewallIp"));
+    let route = read("infra/modules/aks-egress-route.bicep")?;
+    let routes = block(&route, "routes: [")?;
+    assert_eq!(
+        routes.matches("addressPrefix:").count(),
+        1,
+        "one route: the default"
+    );
+    for needle in [
+        "addressPrefix: '0.0.0.0/0'",
+        "nextHopType: 'VirtualAppliance'",
+        "nextHopIpAddress: firewallPrivateIp",
+    ] {
+        assert!(routes.contains(needle), "route lacks {needle}");
+    }
+    assert!(route.contains("disableBgpRoutePropagation: true"));
+    Ok(())
+}
+
+/// Whether `pattern` (RE2 syntax, as KQL `matches regex` uses) matches
+/// `text`, evaluated by regorus' `regex.match` (Rust regex, also RE2-like).
+fn re_match(pattern: &str, text: &str) -> Result<bool> {
+    let mut engine = regorus::Engine::new();
+    engine.add_policy(
+        "re.rego".into(),
+        "package re\nmatched := regex.match(input.p, input.t)\n".into(),
+    )?;
+    engine.set_input(regorus::Value::from_json_str(
+        &serde_json::json!({"p": pattern, "t": text}).to_string(),
+    )?);
+    Ok(engine.eval_rule("data.re.matched".into())? == regorus::Value::from(true))
+}
+
+/// String literals starting `"run {` in the functions' sources, with every
+/// `{...}` placeholder filled in: the outcome lines the runtime logs.
+fn run_outcome_lines() -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root().join("functions"))? {
+        let path = entry?.path().join("src/lib.rs");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for (at, _) in text.match_indices("\"run {") {
+            let rest = &text[at + 1..];
+            let Some(end) = rest.find('"') else { continue };
+            let mut line = String::new();
+            let mut in_placeholder = false;
+            for c in rest[..end].chars() {
+                match c {
+                    '{' => {
+                        in_placeholder = true;
+                        line.push_str("01JD2X9Q");
+                    }
+                    '}' => in_placeholder = false,
+                    c if !in_placeholder => line.push(c),
+                    _ => {}
+                }
+            }
+            out.push((line, path.display().to_string()));
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn every_alert_rule_routes_to_the_action_group() -> Result<()> {
+    let alerts = read("infra/modules/alerts.bicep")?;
+    // Every metric or log alert rule in the module routes to the action group.
+    let mut rules = BTreeMap::new();
+    for (at, _) in alerts.match_indices("\nresource ") {
+        let line_end = alerts[at + 1..]
+            .find('\n')
+            .map_or(alerts.len(), |i| at + 1 + i);
+        let header = &alerts[at + 1..line_end];
+        if header.contains("'Microsoft.Insights/metricAlerts@")
+            || header.contains("'Microsoft.Insights/scheduledQueryRules@")
+        {
+            let name = header.split_whitespace().nth(1).unwrap_or_default();
+            let body = block(&alerts, header)?;
+            assert!(
+                body.contains("actionGroupId: actionGroup.id")
+                    || body.contains("actionGroups: [\n        actionGroup.id\n      ]"),
+                "alert rule {name} does not route to the action group"
+            );
+            assert!(body.contains("enabled: true"), "{name} is disabled");
+            rules.insert(name.to_string(), body.to_string());
+        }
+    }
+    assert_eq!(
+        rules.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["deadLetters", "failedRuns", "functionErrors"],
+        "expected the dead-letter, failed-run and function-error rules"
+    );
+    // The action group notifies the receivers from the parameters.
+    let group = block(
+        &alerts,
+        "resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = {",
+    )?;
+    assert!(group.contains("for (email, i) in emails:") && group.contains("emailAddress: email"));
+    assert!(group.contains("webhookReceivers: empty(webhookUrl) ? [] : webhookReceiver"));
+    assert!(alerts.contains("serviceUri: webhookUrl"));
+
+    // Dead letters: the Service Bus metric, per queue, above 0.
+    let dead = &rules["deadLetters"];
+    for needle in [
+        "metricName: 'DeadletteredMessages'",
+        "metricNamespace: 'Microsoft.ServiceBus/namespaces'",
+        "name: 'EntityName'",
+        "operator: 'GreaterThan'",
+        "threshold: 0\n",
+        "serviceBusId\n",
+    ] {
+        assert!(dead.contains(needle), "dead-letter rule lacks {needle}");
+    }
+    // Function errors: failed invocations and exceptions in Application Insights.
+    let errors = &rules["functionErrors"];
+    assert!(errors.contains("requests | where success == false") && errors.contains("exceptions"));
+    assert!(errors.contains("appInsightsId\n"));
+
+    // Failed runs: the query matches exactly the outcome lines the steps log
+    // for a run they fail, block or roll back, and no other outcome line.
+    let failed = &rules["failedRuns"];
+    assert!(failed.contains("appInsightsId\n"));
+    let query = failed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("query: '"))
+        .context("failedRuns query")?;
+    let pattern = query
+        .split("matches regex \"")
+        .nth(1)
+        .and_then(|q| q.split('"').next())
+        .context("failedRuns regex")?;
+    let lines = run_outcome_lines()?;
+    let mut ends = BTreeMap::new();
+    for (line, file) in &lines {
+        let end = [": failed: ", ": blocked: ", ": rolled back: "]
+            .into_iter()
+            .find(|w| line.contains(w));
+        assert_eq!(
+            re_match(pattern, line)?,
+            end.is_some(),
+            "{file}: `{line}` vs the failed-runs regex {pattern}"
+        );
+        if let Some(end) = end {
+            *ends.entry(end).or_insert(0) += 1;
+        }
+    }
+    // The scan found the lines (scan-check and policy-enforce block and fail,
+    // deploy fails and rolls back).
+    assert!(
+        ends.get(": failed: ").copied().unwrap_or(0) >= 3,
+        "{ends:?}"
+    );
+    assert!(
+        ends.get(": blocked: ").copied().unwrap_or(0) >= 2,
+        "{ends:?}"
+    );
+    assert!(
+        ends.get(": rolled back: ").copied().unwrap_or(0) >= 1,
+        "{ends:?}"
+    );
+    // The JSON copy of the same event (stdout) does not count twice.
+    assert!(!re_match(
+        pattern,
+        r#"{"level":"INFO","message":"run 01JD2X9Q: failed: x"}"#
+    )?);
+    // ...and the runtime logs each outcome line as it is.
+    let runtime = read("shared/runtime/src/lib.rs")?;
+    assert!(
+        runtime.contains(
+            "tracing::info!(function = name, message_id = ?meta.message_id, \"{line}\");"
+        )
+    );
+    assert!(runtime.contains("logs: vec![log],"));
+
+    // main.bicep deploys the rules unconditionally, on gantry's namespace and
+    // Application Insights, with the receivers from its parameters.
+    let main = read("infra/main.bicep")?;
+    let (header, body) = module_block(&main, "alerts")?;
+    assert!(header.ends_with("'modules/alerts.bicep' = {"));
+    for needle in [
+        "serviceBusId: serviceBus.outputs.id",
+        "appInsightsId: monitoring.outputs.appInsightsId",
+        "emails: alertEmails",
+        "webhookUrl: alertWebhookUrl",
+    ] {
+        assert!(body.contains(needle), "module alerts lacks {needle}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_regex_helper_can_say_no() -> Result<()> {
+    assert!(re_match("^run [^ ]+: failed: ", "run 1: failed: x")?);
+    assert!(!re_match("^run [^ ]+: failed: ", "run 1: deployed: x")?);
     Ok(())
 }

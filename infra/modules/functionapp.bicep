@@ -27,6 +27,9 @@ param maximumInstanceCount int = 40
 @description('Memory per instance (MB): 512, 2048 or 4096.')
 param instanceMemoryMB int = 2048
 
+@description('Integration subnet (delegated to Microsoft.App/environments) for private networking; empty: no VNet integration.')
+param virtualNetworkSubnetId string = ''
+
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: 'plan-${name}'
   location: location
@@ -58,9 +61,24 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     // Key Vault references resolve with the user-assigned identity, not a
     // (non-existent) system-assigned one.
     keyVaultReferenceIdentity: identityId
+    // VNet integration (private networking): outbound calls to storage,
+    // Service Bus and Key Vault resolve, through the private DNS zones linked
+    // to the VNet, to the private endpoints' (RFC 1918) addresses, so they go
+    // through the subnet. Flex Consumption integration is configured by
+    // virtualNetworkSubnetId alone (Microsoft's Flex VNet samples set nothing
+    // else; siteConfig.vnetRouteAllEnabled is an App Service setting, see
+    // below). Inbound stays public: GitHub must reach /api/github.
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
+    // No siteConfig.ftpsState or linuxFxVersion: Flex Consumption rejects
+    // them ("The following list of 2 site configuration properties
+    // (Site.SiteConfig.FtpsState, Site.SiteConfig.LinuxFxVersion) for Flex
+    // Consumption sites is invalid", as reported by Flex users; Microsoft's
+    // list: "Flex Consumption plan deprecations" in the Functions app
+    // settings reference). FTP stays off through the `ftp` publishing policy
+    // below. vnetRouteAllEnabled is left out for the same reason: an App
+    // Service routing switch not known to be accepted on Flex.
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
     }
     functionAppConfig: {

@@ -12,6 +12,9 @@ param location string
 @description('Tags for every resource.')
 param tags object = {}
 
+@description('Public network access off; the vault is reached through its private endpoint only (main.bicep: privateNetworking && privateKeyVault).')
+param privateNetworking bool
+
 @description('Secrets to create now: [{ name, value }]. Others (alert channel URLs) are set by the operator later.')
 @secure()
 param secrets object
@@ -30,7 +33,16 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enableSoftDelete: true
     softDeleteRetentionInDays: 30
     enablePurgeProtection: true
-    publicNetworkAccess: 'Enabled'
+    // Private: only clients in the VNet (private endpoint +
+    // privatelink.vaultcore.azure.net) reach the data plane. main.bicep turns
+    // this on only with privateKeyVault, because the Flex platform resolves
+    // Key Vault references from outside the VNet. The secrets below are
+    // written through ARM (control plane).
+    publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'
+    networkAcls: {
+      defaultAction: privateNetworking ? 'Deny' : 'Allow'
+      bypass: 'AzureServices'
+    }
   }
 }
 

@@ -24,13 +24,23 @@ param location string
 @description('Tags for every resource.')
 param tags object = {}
 
+@description('Private networking (main.bicep): public network access off on both accounts; they are reached through private endpoints (blob) only.')
+param privateNetworking bool
+
+// Private: no public endpoint at all (not even for trusted Azure services:
+// nothing but gantry's VNet needs these accounts; `bypass` only matters for
+// the firewall of an account that is still public).
 var accountProperties = {
   allowSharedKeyAccess: false
   allowBlobPublicAccess: false
   minimumTlsVersion: 'TLS1_2'
   supportsHttpsTrafficOnly: true
   defaultToOAuthAuthentication: true
-  publicNetworkAccess: 'Enabled'
+  publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'
+  networkAcls: {
+    defaultAction: privateNetworking ? 'Deny' : 'Allow'
+    bypass: 'None'
+  }
 }
 
 resource hostAccount 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -98,5 +108,6 @@ output hostAccountId string = hostAccount.id
 output hostBlobEndpoint string = hostAccount.properties.primaryEndpoints.blob
 output deploymentContainerUrl string = '${hostAccount.properties.primaryEndpoints.blob}${deploymentContainerName}'
 output stateAccountName string = stateAccount.name
+output stateAccountId string = stateAccount.id
 output stateBlobEndpoint string = stateAccount.properties.primaryEndpoints.blob
 output stateContainerId string = stateContainer.id
