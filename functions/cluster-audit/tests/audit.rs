@@ -569,7 +569,9 @@ async fn cluster_read_failure_is_recorded_not_fatal() -> Result<()> {
     // governance audit reports (no ResourceQuota, no LimitRange).
     let alerts = h.alerts().await?;
     assert!(
-        alerts.iter().all(|(id, _)| id.starts_with("audit:_cluster:")),
+        alerts
+            .iter()
+            .all(|(id, _)| id.starts_with("audit:_cluster:")),
         "{alerts:#?}"
     );
     Ok(())
