@@ -732,3 +732,21 @@ async fn nothing_deployed_governs_only_the_daemonsets() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn nothing_to_govern_reads_nothing() -> Result<()> {
+    let text = CONFIG
+        .split("[[governance.daemonsets]]")
+        .next()
+        .unwrap_or_default();
+    let h = Harness::new(text).await?;
+    let line = h.fire_ok().await?;
+    assert!(
+        line.contains(
+            "governance: 0 open findings (0 new, 0 resolved) in 0 namespaces; nothing to govern"
+        ),
+        "{line}"
+    );
+    assert!(h.requests().is_empty(), "{:#?}", h.requests());
+    Ok(())
+}
