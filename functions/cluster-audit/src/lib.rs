@@ -49,6 +49,7 @@ use std::sync::Arc;
 
 use gantry_bus::{BusError, OutMessage};
 use gantry_pipeline::config::DeployTarget;
+use gantry_pipeline::findings;
 use gantry_pipeline::messages::Deployed;
 use gantry_pipeline::runs::blobs;
 use gantry_pipeline::{Alert, AppConfig, PipelineError, Run, Severity};
@@ -111,7 +112,6 @@ pub fn rescan_name(app: &gantry_pipeline::AppName) -> String {
     findings::rescan_blob(app)
 }
 
-use gantry_pipeline::findings;
 /// `audit/state/{app}.json` (and `_cluster.json`): open findings of a scope.
 pub use gantry_pipeline::findings::AuditState as AppState;
 pub use gantry_pipeline::findings::OpenFinding;
