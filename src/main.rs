@@ -1,6 +1,7 @@
 //! `gantry`: one executable for everything — the Azure Functions custom handler
 //! (`serve`), the local development host (`dev`), and operator tools.
 
+mod audit;
 mod dev;
 mod functions;
 mod package;
@@ -73,6 +74,9 @@ enum Command {
         #[command(subcommand)]
         command: runs::AppsCommand,
     },
+    /// Open cluster-audit findings (policy, drift, vulnerabilities,
+    /// governance); exit status 2 with --fail-on-findings when any is open.
+    Audit(audit::AuditArgs),
 }
 
 /// Where state lives, shared by `dev` and `runs`.
@@ -97,6 +101,10 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One readable line with its causes, not a backtrace.
             eprintln!("error: {e:#}");
+            if e.downcast_ref::<audit::FindingsFound>().is_some() {
+                // Distinct from 1 (the command failed): findings are open.
+                return std::process::ExitCode::from(2);
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -138,6 +146,7 @@ fn real_main() -> Result<()> {
             Command::Runs { command } => runs::run(command).await,
             Command::Package(args) => package::run(args),
             Command::Apps { command } => runs::apps(command).await,
+            Command::Audit(args) => audit::run(args).await,
         }
     })
 }

@@ -45,7 +45,7 @@ pub struct DirectStoreArgs {
 
 impl DirectStoreArgs {
     /// The store to read directly, when one was named.
-    fn direct(&self) -> Option<crate::StoreArgs> {
+    pub(crate) fn direct(&self) -> Option<crate::StoreArgs> {
         if self.state.is_none() && self.storage.is_none() {
             return None;
         }
@@ -155,7 +155,7 @@ pub enum AppsCommand {
 }
 
 /// A client of the operator API.
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
     token: String,
@@ -171,7 +171,7 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 }
 
 impl Api {
-    fn new(args: &ApiArgs) -> Result<Api> {
+    pub(crate) fn new(args: &ApiArgs) -> Result<Api> {
         let url = reqwest::Url::parse(&args.url)
             .with_context(|| format!("--url {:?} is not a URL", args.url))?;
         let token = match args
@@ -197,7 +197,7 @@ impl Api {
         })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -303,7 +303,7 @@ fn decode_runs(values: &[Value]) -> Result<Vec<Run>> {
         .collect()
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

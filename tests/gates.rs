@@ -431,6 +431,37 @@ async fn dev_timer_fires_the_cluster_audit_and_shows_directory_drift() -> Result
     // The finding itself, with its reason, is in the audit state.
     let state = std::fs::read_to_string(dir.path().join("state/store/audit/state/web.json"))?;
     assert!(state.contains("spec.replicas is 4"), "{state}");
+    // No cluster to govern with the directory target, and it says so.
+    assert!(
+        reply["logs"][0]
+            .as_str()
+            .is_some_and(|l| l.contains("governance: skipped")),
+        "{reply}"
+    );
+    // `gantry audit` lists the open finding the real sweep recorded.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(["audit", "--json", "--kind", "drift", "--url", &host.url("")])
+        .env_remove("GANTRY_TOKEN")
+        .env_remove("GANTRY_STATE")
+        .env_remove("GANTRY_STORAGE")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        listed["findings"][0]["fingerprint"], "drift:Deployment/web:spec.replicas",
+        "{listed:#}"
+    );
+    assert_eq!(listed["findings"][0]["severity"], "high");
+    assert_eq!(listed["findings"][0]["app"], "web");
+    assert_eq!(
+        listed["findings"].as_array().map(Vec::len),
+        Some(1),
+        "{listed:#}"
+    );
 
     let unknown = host
         .client

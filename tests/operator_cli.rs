@@ -385,3 +385,151 @@ async fn approve_from_the_cli_deploys_and_a_second_approve_is_refused() -> Resul
     assert_eq!(approvals[0]["actor"], "dev");
     Ok(())
 }
+
+/// Writes open findings as `cluster-audit` keeps them (its own types) into
+/// the embedded store under `state`: an app's drift and the cluster's
+/// governance findings, the latter from an incomplete check.
+async fn seed_findings(state: &std::path::Path) -> Result<()> {
+    use gantry_pipeline::findings::{AuditState, OpenFinding};
+    use gantry_pipeline::{AppName, RunStore, Severity};
+    let runs = RunStore::new(Arc::new(gantry_store::fs::FsStore::open(
+        state.join("store"),
+    )?));
+    let open = |kind: &str, severity, reason: &str, app: Option<&str>| -> Result<OpenFinding> {
+        Ok(OpenFinding {
+            kind: kind.into(),
+            reason: reason.into(),
+            since: "2026-11-27T09:00:00Z".into(),
+            severity: Some(severity),
+            app: app.map(AppName::parse).transpose()?,
+            detail: json!({"namespace": "web"}),
+        })
+    };
+    let mut web = AuditState::default();
+    web.open.insert(
+        "drift:Deployment/web:spec.replicas".into(),
+        open(
+            "drift",
+            Severity::High,
+            "Deployment web: spec.replicas is 5, gantry applied 2",
+            None,
+        )?,
+    );
+    runs.put_json("audit/state/web.json", &web).await?;
+    let mut cluster = AuditState {
+        checked_at: Some("2026-11-27T09:15:00Z".into()),
+        error: Some("listing DaemonSet in kube-system failed (HTTP 403)".into()),
+        ..AuditState::default()
+    };
+    cluster.open.insert(
+        "label:web/web:owner".into(),
+        open(
+            "missing-label",
+            Severity::Warning,
+            "Deployment web/web lacks the required label owner",
+            Some("web"),
+        )?,
+    );
+    runs.put_json("audit/state/_cluster.json", &cluster).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn audit_lists_open_findings_over_the_api_and_from_the_store() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    seed_findings(&state).await?;
+    let host = DevHost::start(&state, &[]).await?;
+    let url = host.url("");
+
+    // Over the API (no store named), as a table.
+    let out = gantry(&url, &["audit"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("SEVERITY")
+            && lines[0].contains("KIND")
+            && lines[0].contains("REASON"),
+        "{table}"
+    );
+    // The cluster scope sorts first; columns are aligned under the header.
+    assert!(
+        lines[1].starts_with("warning") && lines[1].contains("missing-label"),
+        "{table}"
+    );
+    assert_eq!(
+        lines[0].find("KIND"),
+        lines[1].find("missing-label"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("high")
+            && lines[2].contains("drift")
+            && lines[2].ends_with("gantry applied 2"),
+        "{table}"
+    );
+    assert!(
+        lines[3].starts_with("note: the last check of _cluster was incomplete (2026-11-27T09:15:00Z): listing DaemonSet"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+
+    // JSON with filters, through the API.
+    let out = gantry(
+        &url,
+        &["audit", "--json", "--kind", "governance", "--app", "web"],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_slice(&out.stdout)?;
+    let findings = listed["findings"].as_array().context("findings")?;
+    assert_eq!(findings.len(), 1, "{listed:#}");
+    assert_eq!(findings[0]["fingerprint"], "label:web/web:owner");
+    assert_eq!(findings[0]["category"], "governance");
+    assert_eq!(findings[0]["scope"], "_cluster");
+
+    // The same from the store directly.
+    let out = gantry(
+        "http://127.0.0.1:9",
+        &[
+            "audit",
+            "--json",
+            "--state",
+            state.to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let direct: Value = serde_json::from_slice(&out.stdout)?;
+    let over_api: Value = serde_json::from_slice(&gantry(&url, &["audit", "--json"])?.stdout)?;
+    assert_eq!(direct, over_api);
+    assert_eq!(direct["findings"].as_array().map(Vec::len), Some(2));
+
+    // --fail-on-findings: 2 when something is open, 0 when nothing matches.
+    let out = gantry(&url, &["audit", "--fail-on-findings"])?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 open audit findings"),
+        "{}",
+        stderr(&out)
+    );
+    let out = gantry(
+        &url,
+        &["audit", "--fail-on-findings", "--kind", "vulnerability"],
+    )?;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("(no open findings)"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A bad filter is an error (exit 1) naming what is accepted.
+    let out = gantry(&url, &["audit", "--kind", "bogus"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown finding kind \"bogus\"; one of: policy, drift"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}

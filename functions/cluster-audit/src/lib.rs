@@ -19,7 +19,9 @@
 //!   findings that the recorded verdict did not have raise one high alert,
 //!   recorded in `apps/{app}/rescan.json` so they alert once.
 //!
-//! Then the GitHub redelivery sweep ([`github`]).
+//! Then the governance audit of the cluster ([`governance`]: required
+//! labels, mandatory DaemonSets, ResourceQuota and LimitRange per managed
+//! namespace, quota usage) and the GitHub redelivery sweep ([`github`]).
 //!
 //! # Alerting once
 //!
@@ -40,12 +42,14 @@
 
 pub mod drift;
 pub mod github;
+pub mod governance;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use gantry_bus::{BusError, OutMessage};
 use gantry_pipeline::config::DeployTarget;
+use gantry_pipeline::findings;
 use gantry_pipeline::messages::Deployed;
 use gantry_pipeline::runs::blobs;
 use gantry_pipeline::{Alert, AppConfig, PipelineError, Run, Severity};
@@ -100,60 +104,35 @@ impl FunctionError for AuditError {
 
 /// `audit/state/{app}`.
 pub fn state_name(app: &gantry_pipeline::AppName) -> String {
-    format!("audit/state/{app}.json")
+    findings::app_state_blob(app)
 }
 
 /// `apps/{app}/rescan.json`.
 pub fn rescan_name(app: &gantry_pipeline::AppName) -> String {
-    format!("apps/{app}/rescan.json")
+    findings::rescan_blob(app)
 }
 
-/// `audit/state/{app}.json`: the app's open findings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AppState {
-    /// Findings seen by the last successful check, by fingerprint.
-    #[serde(default)]
-    pub open: BTreeMap<String, OpenFinding>,
-    /// How often each fingerprint has appeared (the `n` of its MessageId).
-    #[serde(default)]
-    pub appearances: BTreeMap<String, u32>,
-    /// When the app was last checked (RFC 3339).
-    #[serde(default)]
-    pub checked_at: Option<String>,
-    /// The deployed run checked.
-    #[serde(default)]
-    pub run_id: Option<String>,
-    /// Why the last check could not read the live objects, if it could not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// One open finding.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OpenFinding {
-    /// `drift`, `missing`, `config-changed`, `policy-violation`.
-    pub kind: String,
-    /// One line.
-    pub reason: String,
-    /// When it (last) appeared.
-    pub since: String,
-}
+/// `audit/state/{app}.json` (and `_cluster.json`): open findings of a scope.
+pub use gantry_pipeline::findings::AuditState as AppState;
+pub use gantry_pipeline::findings::OpenFinding;
 
 /// A finding of one check, before it is compared with the state.
 #[derive(Debug, Clone)]
-struct Finding {
-    fingerprint: String,
-    kind: &'static str,
-    severity: Severity,
-    reason: String,
-    detail: Value,
+pub(crate) struct Finding {
+    pub(crate) fingerprint: String,
+    pub(crate) kind: &'static str,
+    pub(crate) severity: Severity,
+    pub(crate) reason: String,
+    pub(crate) detail: Value,
+    /// The app a cluster finding concerns (app findings: their own app).
+    pub(crate) app: Option<gantry_pipeline::AppName>,
 }
 
-fn short_hash(text: &str) -> String {
+pub(crate) fn short_hash(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))[..24].to_string()
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     gantry_runtime::steps::rfc3339(OffsetDateTime::now_utc())
 }
 
@@ -175,6 +154,15 @@ pub async fn handle(inv: Invocation<TimerInfo>, deps: &Deps) -> Result<Done, Aud
                 if fatal.is_none() {
                     fatal = Some(e);
                 }
+            }
+        }
+    }
+    match governance::sweep(deps).await {
+        Ok(line) => lines.push(format!("governance: {line}")),
+        Err(e) => {
+            lines.push(format!("governance: {e}"));
+            if fatal.is_none() {
+                fatal = Some(e);
             }
         }
     }
@@ -398,6 +386,7 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
             severity: Severity::Warning,
             reason: reason.clone(),
             detail: Value::Null,
+            app: None,
         }),
         None => {
             for (rendered, live) in objects.iter().zip(&live) {
@@ -409,6 +398,7 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
                         severity: Severity::High,
                         reason: format!("{kind} {name} is gone from the target"),
                         detail: serde_json::json!({"object": format!("{kind}/{name}"), "missing": true}),
+                        app: None,
                     }),
                     Some(live) => {
                         for d in drift::differences(rendered, live) {
@@ -427,6 +417,7 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
                                     "rendered": d.rendered,
                                     "live": d.live,
                                 }),
+                                app: None,
                             });
                         }
                     }
@@ -471,13 +462,23 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
                     },
                     reason: format!("{} {}: {} ({})", v.kind, v.name, v.message, v.constraint),
                     detail: serde_json::to_value(&v).unwrap_or_default(),
+                    app: None,
                 });
             }
         }
         Err(why) => notes.push(format!("policy audit not run: {why}")),
     }
 
-    let (new, resolved) = settle(deps, app, &run, &digest, &mut state, findings).await?;
+    let (new, resolved) = settle(deps, app.name.as_str(), &mut state, findings, |f| {
+        let mut alert = Alert::new(f.kind, f.severity, format!("{}: {}", app.name, f.reason));
+        alert.app = Some(app.name.clone());
+        alert.run_id = Some(run.id.clone());
+        alert.step = Some("audit".into());
+        alert.digest = Some(digest.clone());
+        alert.detail = f.detail.clone();
+        alert
+    })
+    .await?;
     state.error = None;
     state.checked_at = Some(now_rfc3339());
     state.run_id = Some(run.id.to_string());
@@ -496,41 +497,44 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
 }
 
 /// Alerts the findings that are new, and updates `state` to the current set.
-/// Returns (new, resolved).
-async fn settle(
+/// `scope` is the app name or [`findings::CLUSTER_SCOPE`] (in the MessageId);
+/// `alert_for` builds the alert of a new finding. Returns (new, resolved).
+pub(crate) async fn settle(
     deps: &Deps,
-    app: &AppConfig,
-    run: &Run,
-    digest: &gantry_pipeline::Digest,
+    scope: &str,
     state: &mut AppState,
-    findings: Vec<Finding>,
+    found: Vec<Finding>,
+    alert_for: impl Fn(&Finding) -> Alert,
 ) -> Result<(usize, usize), AuditError> {
     let now = now_rfc3339();
     let mut current: BTreeMap<String, OpenFinding> = BTreeMap::new();
     let mut new = 0;
-    for f in findings {
+    for f in found {
         if current.contains_key(&f.fingerprint) {
             continue;
         }
         let open = match state.open.get(&f.fingerprint) {
-            Some(open) => open.clone(),
+            // Still open: keep `since`, refresh what it says now (a usage
+            // ratio that moved, a longer list of missing labels).
+            Some(open) => OpenFinding {
+                reason: f.reason.clone(),
+                severity: Some(f.severity),
+                detail: f.detail.clone(),
+                ..open.clone()
+            },
             None => {
                 let n = state.appearances.get(&f.fingerprint).copied().unwrap_or(0) + 1;
-                let message_id = format!("audit:{}:{}:{n}", app.name, short_hash(&f.fingerprint));
-                let mut alert =
-                    Alert::new(f.kind, f.severity, format!("{}: {}", app.name, f.reason));
-                alert.app = Some(app.name.clone());
-                alert.run_id = Some(run.id.clone());
-                alert.step = Some("audit".into());
-                alert.digest = Some(digest.clone());
-                alert.detail = f.detail.clone();
-                send_alert(deps, &alert, message_id).await?;
+                let message_id = format!("audit:{scope}:{}:{n}", short_hash(&f.fingerprint));
+                send_alert(deps, &alert_for(&f), message_id).await?;
                 state.appearances.insert(f.fingerprint.clone(), n);
                 new += 1;
                 OpenFinding {
                     kind: f.kind.into(),
                     reason: f.reason.clone(),
                     since: now.clone(),
+                    severity: Some(f.severity),
+                    app: f.app.clone(),
+                    detail: f.detail.clone(),
                 }
             }
         };
@@ -545,7 +549,11 @@ async fn settle(
     Ok((new, resolved))
 }
 
-async fn send_alert(deps: &Deps, alert: &Alert, message_id: String) -> Result<(), AuditError> {
+pub(crate) async fn send_alert(
+    deps: &Deps,
+    alert: &Alert,
+    message_id: String,
+) -> Result<(), AuditError> {
     let send_err = |source| AuditError::SendAlert {
         message_id: message_id.clone(),
         source,
@@ -572,6 +580,11 @@ pub struct Rescan {
     /// The verdict's one line at the last re-check.
     #[serde(default)]
     pub summary: Option<String>,
+    /// Blocking findings of today's re-check that the recorded verdict did
+    /// not have (alerted when they first appeared), by `vuln:{key}`: what
+    /// `gantry audit` lists as open vulnerabilities.
+    #[serde(default)]
+    pub open: BTreeMap<String, OpenFinding>,
 }
 
 fn finding_key(f: &gantry_scan::Finding) -> String {
@@ -708,6 +721,34 @@ async fn rescan(
         send_alert(deps, &alert, message_id).await?;
         state.alerted.extend(keys);
         line = Some(format!("re-scan: {} new findings alerted", new.len()));
+    }
+    let previous = std::mem::take(&mut state.open);
+    for f in verdict
+        .blocking
+        .iter()
+        .filter(|f| !recorded.contains(&finding_key(f)))
+    {
+        let fingerprint = format!("vuln:{}", finding_key(f));
+        let since = previous
+            .get(&fingerprint)
+            .map_or_else(now_rfc3339, |o| o.since.clone());
+        state.open.insert(
+            fingerprint,
+            OpenFinding {
+                kind: "new-vulnerability".into(),
+                reason: format!(
+                    "{} in {} {} ({})",
+                    f.id,
+                    f.package,
+                    f.installed_version,
+                    f.severity.as_str()
+                ),
+                since,
+                severity: Some(Severity::High),
+                app: None,
+                detail: serde_json::to_value(f).unwrap_or_default(),
+            },
+        );
     }
     state.checked_at = Some(now_rfc3339());
     state.summary = Some(verdict.summary.clone());

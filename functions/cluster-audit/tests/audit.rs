@@ -541,9 +541,43 @@ async fn new_critical_in_todays_report_alerts_once() -> Result<()> {
     assert!(alert["reason"].as_str().unwrap().contains("CVE-2026-0001"));
     let rescan = h.blob("apps/web/rescan.json").await?.context("rescan")?;
     assert_eq!(rescan["alerted"], json!(["CVE-2026-0001|openssl|3.0.1"]));
+    // ...and it is open, listable with its details.
+    let open = &rescan["open"]["vuln:CVE-2026-0001|openssl|3.0.1"];
+    assert_eq!(open["kind"], "new-vulnerability", "{rescan:#}");
+    assert_eq!(open["reason"], "CVE-2026-0001 in openssl 3.0.1 (critical)");
+    let since = open["since"].clone();
+    let listed = gantry_pipeline::findings::list_open(
+        &h.runs,
+        &gantry_pipeline::findings::FindingFilter::new(None, Some("vulnerability"))
+            .map_err(anyhow::Error::msg)?,
+    )
+    .await?;
+    assert_eq!(listed.findings.len(), 1, "{listed:#?}");
+    assert_eq!(
+        listed.findings[0].app.as_ref().map(|a| a.as_str()),
+        Some("web")
+    );
 
     h.fire_ok().await?;
     assert_eq!(h.alerts().await?.len(), 1, "the same finding alerts once");
+    let rescan = h.blob("apps/web/rescan.json").await?.context("rescan")?;
+    assert_eq!(
+        rescan["open"]["vuln:CVE-2026-0001|openssl|3.0.1"]["since"], since,
+        "still open since the first sweep"
+    );
+
+    // Fixed in today's data (e.g. the advisory was withdrawn): it closes.
+    let etag = h.store.get(&name).await?.context("report")?.etag;
+    h.store
+        .replace(
+            &name,
+            &serde_json::to_vec(&trivy_report(json!([low])))?,
+            &etag,
+        )
+        .await?;
+    h.fire_ok().await?;
+    let rescan = h.blob("apps/web/rescan.json").await?.context("rescan")?;
+    assert_eq!(rescan["open"], json!({}), "{rescan:#}");
     Ok(())
 }
 
@@ -565,7 +599,15 @@ async fn cluster_read_failure_is_recorded_not_fatal() -> Result<()> {
         state["error"].as_str().unwrap().contains("Namespace"),
         "{state}"
     );
-    assert!(h.alerts().await?.is_empty());
+    // Nothing about the app; the fake serves an empty namespace, which the
+    // governance audit reports (no ResourceQuota, no LimitRange).
+    let alerts = h.alerts().await?;
+    assert!(
+        alerts
+            .iter()
+            .all(|(id, _)| id.starts_with("audit:_cluster:")),
+        "{alerts:#?}"
+    );
     Ok(())
 }
 

@@ -1,13 +1,15 @@
-//! `runs-api`: the operator API under `/api/runs`, `/api/apps` and `/api/health`.
+//! `runs-api`: the operator API under `/api/runs`, `/api/apps`, `/api/audit`
+//! (open `cluster-audit` findings) and `/api/health`.
 //!
 //! The Functions host orders HTTP routes alphabetically by function, not by
 //! ASP.NET precedence, so this function's route is constrained to its own
-//! first path segments (`runs`, `apps`, `health`) and can never shadow
+//! first path segments (`runs`, `apps`, `health`, `audit`) and can never shadow
 //! `github-webhook`. [`AREAS`] is checked against `function.json` in tests.
 //!
 //! Every route but `/api/health` needs `Authorization: Bearer <token>` with a
 //! token configured in `GANTRY_API_TOKENS` ([`gantry_runtime::auth`]).
 
+pub mod audit;
 pub mod list;
 pub mod retrigger;
 mod rollback;
@@ -30,7 +32,7 @@ use time::OffsetDateTime;
 pub const NAME: &str = "runs-api";
 
 /// First path segments under `/api/` this function serves.
-pub const AREAS: &[&str] = &["runs", "apps", "health"];
+pub const AREAS: &[&str] = &["runs", "apps", "health", "audit"];
 
 /// Longest rejection reason accepted, in characters.
 pub const MAX_REASON_CHARS: usize = 500;
@@ -39,7 +41,7 @@ pub const MAX_REASON_CHARS: usize = 500;
 pub fn function() -> Function {
     Function::http(
         NAME,
-        "{area:regex(^(runs|apps|health)$)}/{*rest}",
+        "{area:regex(^(runs|apps|health|audit)$)}/{*rest}",
         &["get", "post"],
         routes,
     )
@@ -49,6 +51,7 @@ fn routes() -> Router<Arc<Deps>> {
     Router::new()
         .route("/api/health", get(health))
         .route("/api/runs", get(list::list))
+        .route("/api/audit", get(audit::list))
         .route("/api/runs/{id}", get(show))
         .route("/api/runs/{id}/retrigger", post(retrigger::retrigger))
         .route("/api/runs/{id}/approve", post(approve))

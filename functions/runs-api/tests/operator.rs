@@ -281,8 +281,9 @@ async fn auth_matrix_of_every_route() -> Result<()> {
         .await?;
     let before = h.stored(&run).await?;
     let id = &run.id;
-    let routes: [(&str, String, bool, &str); 5] = [
+    let routes: [(&str, String, bool, &str); 6] = [
         ("GET", "/api/runs".into(), false, ""),
+        ("GET", "/api/audit".into(), false, ""),
         ("GET", format!("/api/runs/{id}"), false, ""),
         (
             "POST",

@@ -149,6 +149,22 @@ pub const KINDS: [KindInfo; 7] = [
     },
 ];
 
+/// DaemonSets: not rendered by gantry (so not in [`KINDS`]) but read by the
+/// governance audit.
+pub const DAEMON_SET: KindInfo = KindInfo {
+    api_version: "apps/v1",
+    kind: "DaemonSet",
+    group: "apps",
+    version: "v1",
+    plural: "daemonsets",
+    namespaced: true,
+};
+
+/// Positions in [`KINDS`] (checked by a test).
+const RESOURCE_QUOTA: usize = 1;
+const LIMIT_RANGE: usize = 2;
+const DEPLOYMENT: usize = 5;
+
 /// Why a cluster operation failed.
 ///
 /// # Transient or permanent
@@ -513,35 +529,80 @@ impl Cluster {
     pub async fn list_namespace(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
         let mut out = Vec::new();
         for info in KINDS.iter().filter(|k| k.namespaced) {
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(self.client.clone(), namespace, &info.api_resource());
-            let list = api.list(&ListParams::default()).await.map_err(|e| {
-                let (status, message, transient) = describe(e);
-                KubeError::ListObjects {
-                    kind: info.kind.into(),
-                    namespace: namespace.into(),
-                    status,
-                    message,
-                    transient,
-                }
-            })?;
-            for item in list.items {
-                let mut value =
-                    serde_json::to_value(&item).map_err(|e| KubeError::ListObjects {
-                        kind: info.kind.into(),
-                        namespace: namespace.into(),
-                        status: None,
-                        message: format!("cannot re-encode an item: {e}"),
-                        transient: false,
-                    })?;
-                if let Some(map) = value.as_object_mut() {
-                    map.insert("apiVersion".into(), info.api_version.into());
-                    map.insert("kind".into(), info.kind.into());
-                }
-                out.push(value);
-            }
+            out.extend(self.list(info, namespace, None).await?);
         }
         Ok(out)
+    }
+
+    /// Every object of kind `info` in `namespace` (matching `label_selector`
+    /// when given, e.g. `app.kubernetes.io/managed-by=gantry`), each with
+    /// its `apiVersion` and `kind` set (list items come without them). One
+    /// `LIST` request; needs `list` on that kind in that namespace.
+    pub async fn list(
+        &self,
+        info: &KindInfo,
+        namespace: &str,
+        label_selector: Option<&str>,
+    ) -> Result<Vec<Value>, KubeError> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &info.api_resource());
+        let mut params = ListParams::default();
+        if let Some(selector) = label_selector {
+            params = params.labels(selector);
+        }
+        let list = api.list(&params).await.map_err(|e| {
+            let (status, message, transient) = describe(e);
+            KubeError::ListObjects {
+                kind: info.kind.into(),
+                namespace: namespace.into(),
+                status,
+                message,
+                transient,
+            }
+        })?;
+        let mut out = Vec::with_capacity(list.items.len());
+        for item in list.items {
+            let mut value = serde_json::to_value(&item).map_err(|e| KubeError::ListObjects {
+                kind: info.kind.into(),
+                namespace: namespace.into(),
+                status: None,
+                message: format!("cannot re-encode an item: {e}"),
+                transient: false,
+            })?;
+            if let Some(map) = value.as_object_mut() {
+                map.insert("apiVersion".into(), info.api_version.into());
+                map.insert("kind".into(), info.kind.into());
+            }
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// The Deployments in `namespace` (optionally by label selector), for the
+    /// governance audit of required labels.
+    pub async fn list_deployments(
+        &self,
+        namespace: &str,
+        label_selector: Option<&str>,
+    ) -> Result<Vec<Value>, KubeError> {
+        self.list(&KINDS[DEPLOYMENT], namespace, label_selector)
+            .await
+    }
+
+    /// The ResourceQuotas in `namespace`, with their `status.hard`/`status.used`.
+    pub async fn list_resource_quotas(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
+        self.list(&KINDS[RESOURCE_QUOTA], namespace, None).await
+    }
+
+    /// The LimitRanges in `namespace`.
+    pub async fn list_limit_ranges(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
+        self.list(&KINDS[LIMIT_RANGE], namespace, None).await
+    }
+
+    /// The DaemonSets in `namespace`, with their status (for the mandatory
+    /// DaemonSets of `[governance]`). Needs `list` on `daemonsets` (apps) there.
+    pub async fn list_daemonsets(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
+        self.list(&DAEMON_SET, namespace, None).await
     }
 
     /// Reads the Deployment `namespace/name` and its pods (label selector
@@ -805,6 +866,9 @@ mod tests {
     fn kinds_follow_apply_order() {
         let kinds: Vec<&str> = KINDS.iter().map(|k| k.kind).collect();
         assert_eq!(kinds, APPLY_ORDER);
+        assert_eq!(KINDS[RESOURCE_QUOTA].kind, "ResourceQuota");
+        assert_eq!(KINDS[LIMIT_RANGE].kind, "LimitRange");
+        assert_eq!(KINDS[DEPLOYMENT].kind, "Deployment");
     }
 
     #[test]

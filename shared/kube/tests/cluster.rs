@@ -646,3 +646,69 @@ async fn list_namespace_lists_every_namespaced_kind_with_types() {
     assert_eq!(listed[0]["kind"], "Deployment");
     assert_eq!(listed[0]["metadata"]["name"], "hand-made");
 }
+
+/// The governance lists: one LIST each at the kind's path, the label
+/// selector sent as `labelSelector`, items typed; failures are
+/// `ListObjects` named after the kind and namespace, 403 transient.
+#[tokio::test]
+async fn governance_lists_send_the_selector_and_type_the_items() {
+    let (cluster, server) = fake_cluster(|seen| {
+        let kind = if seen.path.ends_with("/daemonsets") {
+            "DaemonSetList"
+        } else {
+            "DeploymentList"
+        };
+        (
+            200,
+            json!({"apiVersion": "apps/v1", "kind": kind, "metadata": {"resourceVersion": "9"},
+                   "items": [{"metadata": {"name": "x", "namespace": "ns"},
+                              "status": {"desiredNumberScheduled": 3, "numberReady": 3}}]}),
+        )
+    });
+    let deployments = cluster
+        .list_deployments("web", Some("app.kubernetes.io/managed-by=gantry"))
+        .await
+        .unwrap();
+    let daemonsets = cluster.list_daemonsets("kube-system").await.unwrap();
+    let quotas = cluster.list_resource_quotas("web").await.unwrap();
+    let ranges = cluster.list_limit_ranges("web").await.unwrap();
+    let seen = requests(cluster, server).await;
+    let paths: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|s| (s.path.as_str(), s.query.as_str()))
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            (
+                "/apis/apps/v1/namespaces/web/deployments",
+                "&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dgantry"
+            ),
+            ("/apis/apps/v1/namespaces/kube-system/daemonsets", ""),
+            ("/api/v1/namespaces/web/resourcequotas", ""),
+            ("/api/v1/namespaces/web/limitranges", ""),
+        ]
+    );
+    assert!(seen.iter().all(|s| s.method == "GET"));
+    assert_eq!(deployments[0]["kind"], "Deployment");
+    assert_eq!(daemonsets[0]["kind"], "DaemonSet");
+    assert_eq!(daemonsets[0]["apiVersion"], "apps/v1");
+    assert_eq!(daemonsets[0]["status"]["numberReady"], 3);
+    assert_eq!(quotas[0]["kind"], "ResourceQuota");
+    assert_eq!(ranges[0]["kind"], "LimitRange");
+
+    let (cluster, server) =
+        fake_cluster(|_| status(403, "Forbidden", "cannot list daemonsets in kube-system"));
+    let err = cluster.list_daemonsets("kube-system").await.unwrap_err();
+    requests(cluster, server).await;
+    assert!(
+        matches!(&err, KubeError::ListObjects { kind, namespace, status: Some(403), .. }
+            if kind == "DaemonSet" && namespace == "kube-system"),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        "listing DaemonSet in kube-system failed (HTTP 403): cannot list daemonsets in kube-system"
+    );
+}

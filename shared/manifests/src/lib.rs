@@ -229,7 +229,7 @@ pub fn render(input: &RenderInput) -> Result<Rendered, RenderError> {
     let image = format!("{}@{}", input.registry_image, input.digest);
     let annotations = provenance(input);
 
-    let objects = vec![
+    let mut objects = vec![
         namespace(name, ns),
         resource_quota(name, ns, &res, slots)?,
         limit_range(name, ns, app),
@@ -239,6 +239,7 @@ pub fn render(input: &RenderInput) -> Result<Rendered, RenderError> {
         deployment(app, ns, &image, &annotations),
         service(name, ns, app.port),
     ];
+    add_app_labels(&mut objects, app)?;
     let hash = manifest_hash(&objects);
     Ok(Rendered { objects, hash })
 }
@@ -412,6 +413,42 @@ impl Resources {
         }
         Ok(res)
     }
+}
+
+/// Adds `[apps.labels]` to every object's labels and to the Deployment's pod
+/// template (never to selectors: a Deployment's selector is immutable, and a
+/// changed owner label must not orphan the pods). Done after the objects are
+/// built so the per-kind builders stay about their kind; with no app labels
+/// nothing changes (nor does the manifest hash).
+fn add_app_labels(objects: &mut [Value], app: &AppConfig) -> Result<(), RenderError> {
+    for (key, value) in &app.labels {
+        if !gantry_pipeline::governance::is_label_key(key)
+            || !gantry_pipeline::governance::is_label_value(value)
+            || gantry_pipeline::governance::GANTRY_LABELS.contains(&key.as_str())
+        {
+            return Err(invalid(
+                "labels",
+                format!("{key:?} = {value:?} is not a label gantry can add"),
+            ));
+        }
+    }
+    if app.labels.is_empty() {
+        return Ok(());
+    }
+    for object in objects.iter_mut() {
+        let mut targets = vec!["/metadata/labels"];
+        if object["kind"] == "Deployment" {
+            targets.push("/spec/template/metadata/labels");
+        }
+        for pointer in targets {
+            if let Some(Value::Object(labels)) = object.pointer_mut(pointer) {
+                for (key, value) in &app.labels {
+                    labels.insert(key.clone(), Value::String(value.clone()));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn invalid(field: &'static str, message: String) -> RenderError {

@@ -640,3 +640,55 @@ fn too_deep_values_are_a_yaml_error() {
     let err = to_yaml(&[v]).unwrap_err();
     assert!(matches!(err, RenderError::Yaml { .. }), "{err}");
 }
+
+/// The governance config check relies on `GANTRY_LABELS` being exactly what
+/// the renderer puts on the Deployment and its pods.
+#[test]
+fn deployment_labels_are_gantry_labels() {
+    let r = rendered();
+    let d = one(&r.objects, "Deployment");
+    for pointer in ["/metadata/labels", "/spec/template/metadata/labels"] {
+        let keys: Vec<&str> = d
+            .pointer(pointer)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected = gantry_pipeline::governance::GANTRY_LABELS.to_vec();
+        expected.sort_unstable();
+        let mut keys = keys;
+        keys.sort_unstable();
+        assert_eq!(keys, expected, "{pointer}");
+    }
+}
+
+#[test]
+fn app_labels_go_on_every_object_and_the_pods_not_the_selectors() {
+    let text = format!("{CONFIG}\n[apps.labels]\nowner = \"team-a\"\ncost-center = \"cc-42\"\n");
+    let app = Config::parse(&text, "test").unwrap().apps.remove(0);
+    let r = render_with(&app, &digest("ab"), None);
+    for o in &r.objects {
+        assert_eq!(o["metadata"]["labels"]["owner"], "team-a", "{}", o["kind"]);
+        assert_eq!(o["metadata"]["labels"]["cost-center"], "cc-42");
+    }
+    let d = one(&r.objects, "Deployment");
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["labels"]["owner"],
+        "team-a"
+    );
+    assert!(d["spec"]["selector"]["matchLabels"].get("owner").is_none());
+    let s = one(&r.objects, "Service");
+    assert!(s["spec"]["selector"].get("owner").is_none());
+    // Labels are part of the manifest: a changed owner is a changed hash.
+    assert_ne!(r.hash, render_with(&self::app(), &digest("ab"), None).hash);
+    // Without app labels the objects are as before.
+    let plain = render_with(&self::app(), &digest("ab"), None);
+    assert!(
+        plain
+            .objects
+            .iter()
+            .all(|o| o["metadata"]["labels"].get("owner").is_none())
+    );
+}

@@ -36,6 +36,9 @@ pub struct Config {
     /// `cluster-audit` redelivers (`[github]`).
     #[serde(default)]
     pub github: GithubConfig,
+    /// Cluster governance audits (`[governance]`, see [`crate::governance`]).
+    #[serde(default)]
+    pub governance: crate::governance::GovernanceConfig,
     /// Directory of the configuration file: relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -919,6 +922,11 @@ pub struct AppConfig {
     /// digest (through the deploy step). Opt-in: default `false`.
     #[serde(default)]
     pub rollback_on_security_alert: bool,
+    /// Labels added to every object gantry renders for the app (`[apps.labels]`,
+    /// e.g. `owner = "team-a"`), typically what `[governance] required_labels`
+    /// asks for. gantry's own labels cannot be overridden.
+    #[serde(default)]
+    pub labels: crate::governance::AppLabels,
 }
 
 fn default_branches() -> Vec<String> {
@@ -1124,6 +1132,7 @@ impl Config {
             ));
         }
         config.alerts.validate(&config).map_err(invalid)?;
+        crate::governance::check(&config).map_err(invalid)?;
         let mut seen_clusters = std::collections::BTreeSet::new();
         for (i, cluster) in config.security.clusters.iter().enumerate() {
             check_aks_cluster_id(cluster)

@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod error;
+pub mod findings;
+pub mod governance;
 pub mod ids;
 pub mod messages;
 pub mod names;
