@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod exposure;
 pub mod ids;
 pub mod messages;
 pub mod names;
