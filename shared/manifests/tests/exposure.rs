@@ -482,3 +482,80 @@ fn every_mode_renders_deterministically_and_differently() {
         }
     }
 }
+
+/// Every rendered mode passes gantry's built-in policy set (the set the
+/// policy gate enforces), evaluated together as the gate does.
+#[test]
+fn every_rendered_mode_passes_the_builtin_policies() {
+    let set = gantry_policy::PolicySet::builtin().unwrap();
+    for extra in [
+        String::new(),
+        "[apps.expose]\nmode = \"internal-lb\"\ninternal_subnet = \"snet-ilb\"\n".to_string(),
+        "allow_public = true\n[apps.expose]\nmode = \"public-lb\"\nsource_ranges = [\"203.0.113.0/24\"]\n".to_string(),
+        "[apps.expose]\nmode = \"ingress\"\nclass = \"azure-alb-external\"\nhost = \"web.contoso.com\"\nsource_ranges = [\"10.0.4.0/24\"]\n".to_string(),
+        format!("{}[apps.egress]\nservices = [\"keyvault\", \"sql\"]\nprivate_endpoint_cidr = \"10.0.8.0/24\"\n", keyvault_toml()),
+    ] {
+        let r = rendered(&extra);
+        let v = set.evaluate(&r.objects, &[]).unwrap();
+        assert!(v.is_empty(), "{extra}: {v:#?}");
+    }
+}
+
+/// The policy gate catches what the renderer would never produce: a public
+/// load balancer without the opt-in, a secret in plain env, a Secret object
+/// labelled as the pipeline's.
+#[test]
+fn hand_made_weakenings_of_a_render_are_denied() {
+    let set = gantry_policy::PolicySet::builtin().unwrap();
+    let templates = |objects: &[Value]| -> Vec<String> {
+        set.evaluate(objects, &[])
+            .unwrap()
+            .into_iter()
+            .map(|v| format!("{}:{}", v.template, v.name))
+            .collect()
+    };
+
+    let mut r = rendered("allow_public = true\n[apps.expose]\nmode = \"public-lb\"\n");
+    let svc = r
+        .objects
+        .iter_mut()
+        .find(|o| o["kind"] == "Service")
+        .unwrap();
+    svc["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    assert_eq!(templates(&r.objects), ["gantrypubliclb:web"]);
+
+    // An internal load balancer whose annotation was flipped is public.
+    let mut r = rendered("[apps.expose]\nmode = \"internal-lb\"\n");
+    let svc = r
+        .objects
+        .iter_mut()
+        .find(|o| o["kind"] == "Service")
+        .unwrap();
+    svc["metadata"]["annotations"]["service.beta.kubernetes.io/azure-load-balancer-internal"] =
+        json!("false");
+    assert_eq!(templates(&r.objects), ["gantrypubliclb:web"]);
+
+    let mut r = rendered(&keyvault_toml());
+    let d = r
+        .objects
+        .iter_mut()
+        .find(|o| o["kind"] == "Deployment")
+        .unwrap();
+    d["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "DATABASE_URL", "value": "Server=db;Password=hunter2"}));
+    assert_eq!(templates(&r.objects), ["gantrysecretenv:web"]);
+
+    let mut r = rendered("");
+    r.objects.push(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "web-db", "namespace": "web",
+                     "labels": {"app.kubernetes.io/name": "web", "app.kubernetes.io/managed-by": "gantry"}},
+        "stringData": {"DATABASE_URL": "postgres://db"},
+    }));
+    assert_eq!(templates(&r.objects), ["gantrypipelinesecret:web-db"]);
+}
