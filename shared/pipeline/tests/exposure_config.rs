@@ -232,3 +232,36 @@ fn egress_parses_and_is_checked() {
         refused(bad, &[needle]);
     }
 }
+
+/// The commented `[apps.keyvault]` and `[apps.egress]` examples in
+/// `gantry.toml` are valid once uncommented (the docs cannot rot silently).
+#[test]
+fn commented_examples_in_gantry_toml_are_valid() {
+    let example = gantry_pipeline::config::EMBEDDED_EXAMPLE;
+    let block = |header: &str| -> String {
+        let start = example
+            .find(&format!("# {header}\n"))
+            .unwrap_or_else(|| panic!("{header} example missing"));
+        example[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let text = format!(
+        "{APP}{}\n{}\n",
+        block("[apps.keyvault]"),
+        block("[apps.egress]")
+    );
+    let c = Config::parse(&text, "example").unwrap();
+    let app = &c.apps[0];
+    assert_eq!(
+        app.keyvault.as_ref().unwrap().secrets[0].env,
+        "DATABASE_URL"
+    );
+    assert_eq!(
+        app.egress.services,
+        [AzureService::Keyvault, AzureService::Sql]
+    );
+}
