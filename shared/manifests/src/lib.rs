@@ -789,14 +789,7 @@ fn allow_egress(name: &str, ns: &str, egress: &EgressConfig) -> Value {
         }
         rules.push(rule);
     }
-    if let Some(cidr) = &egress.private_endpoint_cidr {
-        let mut ranges: Vec<(u16, u16)> = egress
-            .services
-            .iter()
-            .flat_map(|s| s.tcp_ports().iter().copied())
-            .collect();
-        ranges.sort_unstable();
-        ranges.dedup();
+    for (cidr, ranges) in egress.service_rules() {
         let ports: Vec<Value> = ranges
             .into_iter()
             .map(|(first, last)| {
@@ -807,7 +800,7 @@ fn allow_egress(name: &str, ns: &str, egress: &EgressConfig) -> Value {
                 }
             })
             .collect();
-        rules.push(json!({ "to": [ip_block(cidr)], "ports": ports }));
+        rules.push(json!({ "to": [ip_block(&cidr)], "ports": ports }));
     }
     json!({
         "apiVersion": "networking.k8s.io/v1",

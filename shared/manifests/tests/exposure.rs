@@ -434,6 +434,23 @@ fn egress_is_denied_except_what_is_declared() {
         ]),
     );
 
+    // A service with its own private-endpoint CIDR gets its own rule.
+    let r = rendered(
+        "[apps.egress]\nservices = [\"keyvault\", \"postgres\"]\nprivate_endpoint_cidr = \"10.0.8.0/24\"\n[apps.egress.service_cidrs]\npostgres = \"10.0.10.0/28\"\n",
+    );
+    let np = find(&r, "NetworkPolicy", "web-allow-egress");
+    assert_eq!(np["spec"]["egress"].as_array().unwrap().len(), 3, "dns + 2");
+    at(
+        np,
+        "/spec/egress/1",
+        json!({"to": [{"ipBlock": {"cidr": "10.0.10.0/28"}}], "ports": [{"protocol": "TCP", "port": 5432}]}),
+    );
+    at(
+        np,
+        "/spec/egress/2",
+        json!({"to": [{"ipBlock": {"cidr": "10.0.8.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]}),
+    );
+
     // CIDRs without ports: every port to them.
     let r = rendered("[apps.egress]\ncidrs = [\"10.1.0.0/16\"]\n");
     let np = find(&r, "NetworkPolicy", "web-allow-egress");

@@ -229,6 +229,41 @@ pub struct EgressConfig {
     /// The private-endpoint subnet (NetworkPolicy cannot match FQDNs).
     #[serde(default)]
     pub private_endpoint_cidr: Option<String>,
+    /// Per-service private-endpoint CIDRs (`[apps.egress.service_cidrs]`,
+    /// e.g. `sql = "10.0.9.0/24"`), overriding `private_endpoint_cidr` for
+    /// the services listed; keys must be in `services`.
+    #[serde(default)]
+    pub service_cidrs: std::collections::BTreeMap<String, String>,
+}
+
+impl EgressConfig {
+    /// Each private-endpoint CIDR the app's `services` are reached in, with
+    /// the TCP port ranges allowed to it (sorted, de-duplicated), in CIDR
+    /// order. Only meaningful after [`validate`].
+    pub fn service_rules(&self) -> Vec<(String, Vec<(u16, u16)>)> {
+        let mut rules: std::collections::BTreeMap<String, Vec<(u16, u16)>> =
+            std::collections::BTreeMap::new();
+        for service in &self.services {
+            let cidr = self
+                .service_cidrs
+                .get(service.as_str())
+                .or(self.private_endpoint_cidr.as_ref());
+            if let Some(cidr) = cidr {
+                rules
+                    .entry(cidr.clone())
+                    .or_default()
+                    .extend(service.tcp_ports().iter().copied());
+            }
+        }
+        rules
+            .into_iter()
+            .map(|(cidr, mut ports)| {
+                ports.sort_unstable();
+                ports.dedup();
+                (cidr, ports)
+            })
+            .collect()
+    }
 }
 
 impl Default for EgressConfig {
@@ -239,6 +274,7 @@ impl Default for EgressConfig {
             ports: Vec::new(),
             services: Vec::new(),
             private_endpoint_cidr: None,
+            service_cidrs: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -654,24 +690,41 @@ fn validate_egress(e: &EgressConfig) -> Result<(), FieldError> {
             format!("{:?} is listed twice", s.as_str()),
         ));
     }
-    match (&e.private_endpoint_cidr, e.services.is_empty()) {
-        (None, false) => {
+    for (name, cidr) in &e.service_cidrs {
+        if !e.services.iter().any(|s| s.as_str() == name) {
             return Err((
-                "egress.private_endpoint_cidr",
-                "services are reached through their private endpoints: give the private-endpoint subnet's CIDR".into(),
+                "egress.service_cidrs",
+                format!("{name:?} is not in egress.services"),
             ));
         }
-        (Some(_), true) => {
+        no_control("egress.service_cidrs", cidr)?;
+        parse_cidr(cidr).map_err(|m| ("egress.service_cidrs", m))?;
+    }
+    let uncovered = e
+        .services
+        .iter()
+        .find(|s| !e.service_cidrs.contains_key(s.as_str()));
+    match (&e.private_endpoint_cidr, uncovered) {
+        (None, Some(service)) => {
             return Err((
                 "egress.private_endpoint_cidr",
-                "used only with services: list the services the app reaches".into(),
+                format!(
+                    "services are reached through their private endpoints: give the private-endpoint subnet's CIDR (or egress.service_cidrs.{})",
+                    service.as_str()
+                ),
             ));
         }
-        (Some(cidr), false) => {
+        (Some(_), None) => {
+            return Err((
+                "egress.private_endpoint_cidr",
+                "no service uses it: list the services the app reaches".into(),
+            ));
+        }
+        (Some(cidr), Some(_)) => {
             no_control("egress.private_endpoint_cidr", cidr)?;
             parse_cidr(cidr).map_err(|m| ("egress.private_endpoint_cidr", m))?;
         }
-        (None, true) => {}
+        (None, None) => {}
     }
     Ok(())
 }

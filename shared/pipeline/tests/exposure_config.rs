@@ -228,6 +228,22 @@ fn egress_parses_and_is_checked() {
             "host bits",
         ),
         ("[apps.egress]\nfqdns = [\"x.com\"]\n", "unknown field"),
+        (
+            "[apps.egress]\nservices = [\"sql\"]\n[apps.egress.service_cidrs]\nredis = \"10.0.9.0/24\"\n",
+            "\"redis\" is not in egress.services",
+        ),
+        (
+            "[apps.egress]\nservices = [\"sql\"]\n[apps.egress.service_cidrs]\nsql = \"10.0.9.0\"\n",
+            "egress.service_cidrs",
+        ),
+        (
+            "[apps.egress]\nservices = [\"sql\", \"redis\"]\n[apps.egress.service_cidrs]\nsql = \"10.0.9.0/24\"\n",
+            "egress.service_cidrs.redis",
+        ),
+        (
+            "[apps.egress]\nservices = [\"sql\"]\nprivate_endpoint_cidr = \"10.0.8.0/24\"\n[apps.egress.service_cidrs]\nsql = \"10.0.9.0/24\"\n",
+            "no service uses it",
+        ),
     ] {
         refused(bad, &[needle]);
     }
@@ -264,4 +280,25 @@ fn commented_examples_in_gantry_toml_are_valid() {
         app.egress.services,
         [AzureService::Keyvault, AzureService::Sql]
     );
+}
+
+#[test]
+fn per_service_cidrs_override_the_private_endpoint_subnet() {
+    let c = parse("[apps.egress]\nservices = [\"keyvault\", \"sql\", \"storage\"]\nprivate_endpoint_cidr = \"10.0.8.0/24\"\n[apps.egress.service_cidrs]\nsql = \"10.0.9.0/24\"\n").unwrap();
+    assert_eq!(
+        c.apps[0].egress.service_rules(),
+        vec![
+            ("10.0.8.0/24".to_string(), vec![(443, 443)]),
+            (
+                "10.0.9.0/24".to_string(),
+                vec![(1433, 1433), (11000, 11999)]
+            ),
+        ]
+    );
+    // Every service with its own CIDR: no shared subnet needed.
+    let c = parse(
+        "[apps.egress]\nservices = [\"sql\"]\n[apps.egress.service_cidrs]\nsql = \"10.0.9.0/24\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.apps[0].egress.service_rules().len(), 1);
 }
