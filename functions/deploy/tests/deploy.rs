@@ -480,8 +480,8 @@ async fn a_checked_run_is_written_to_the_folder_and_recorded_as_deployed() -> Re
     let rendered = h.render(&run)?;
     assert_eq!(
         rendered.objects.len(),
-        8,
-        "seven kinds, two NetworkPolicies"
+        10,
+        "seven kinds by default, four NetworkPolicies"
     );
 
     let line = h.deploy_ok(&run).await?;
@@ -631,7 +631,7 @@ async fn a_newer_digest_replaces_the_folder_and_records_the_previous_good_versio
 
     // Something that only the old folder has: it must not survive the swap.
     std::fs::write(h.target().join("99-stray.yaml"), "kind: Stray\n")?;
-    assert_eq!(files(&h.target())?.len(), 9);
+    assert_eq!(files(&h.target())?.len(), 11);
 
     let second = h.recorded(DIGEST2).await?;
     let rendered = h.render(&second)?;

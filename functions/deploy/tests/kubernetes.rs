@@ -42,16 +42,24 @@ const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high, 3 medium (threshold high)
 const DEPLOYED: &str = "apps/web/deployed.json";
 const INTERVAL: i64 = 30;
 
-const EXPECTED_PATHS: [&str; 8] = [
+const EXPECTED_PATHS: [&str; 10] = [
     "/api/v1/namespaces/web",
     "/api/v1/namespaces/web/resourcequotas/web",
     "/api/v1/namespaces/web/limitranges/web",
+    "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/default-deny-egress",
     "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/default-deny-ingress",
+    "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/web-allow-egress",
     "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/web-allow-http",
     "/api/v1/namespaces/web/serviceaccounts/web",
     "/apis/apps/v1/namespaces/web/deployments/web",
     "/api/v1/namespaces/web/services/web",
 ];
+
+/// Objects one apply sends (the default app).
+const APPLIED: usize = EXPECTED_PATHS.len();
+
+/// Position of the Deployment among them.
+const DEPLOYMENT_AT: usize = 8;
 
 /// One request as the fake API server saw it.
 #[derive(Debug, Clone)]
@@ -166,12 +174,17 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Result<Harness> {
+        Harness::with_app("").await
+    }
+
+    /// A harness whose app `web` also has the `gantry.toml` lines `extra`.
+    async fn with_app(extra: &str) -> Result<Harness> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(FsStore::open(dir.path().join("store"))?);
         let bus = EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?;
         let runs = RunStore::new(store.clone());
         let text = format!(
-            "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nreplicas = 2\n\n[deploy]\ntarget = \"kubernetes\"\nverify_interval = \"{INTERVAL}s\"\n"
+            "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nreplicas = 2\n{extra}\n[deploy]\ntarget = \"kubernetes\"\nverify_interval = \"{INTERVAL}s\"\n"
         );
         let config = Arc::new(Config::parse(&text, "test.toml")?);
         ensure!(config.deploy.verify_deadline == Duration::from_secs(600));
@@ -376,7 +389,7 @@ async fn applies_in_order_and_schedules_one_verify() -> Result<()> {
     assert_eq!(deploy.status, StepStatus::Passed);
     assert_eq!(deploy.details["target"], "kubernetes");
     assert_eq!(deploy.details["generation"], 2);
-    assert_eq!(deploy.details["applied"].as_array().unwrap().len(), 8);
+    assert_eq!(deploy.details["applied"].as_array().unwrap().len(), APPLIED);
     assert_eq!(deploy.details["manifest_hash"], h.render(&run)?.hash);
     assert_eq!(stored.steps["verify"].status, StepStatus::Pending);
 
@@ -404,7 +417,7 @@ async fn applies_in_order_and_schedules_one_verify() -> Result<()> {
     // A redelivered deploy message applies nothing again and queues no
     // second check.
     h.deploy(&run).await?;
-    assert_eq!(h.seen().len(), 8);
+    assert_eq!(h.seen().len(), APPLIED);
     assert_eq!(h.bus.peek("deploy").await.len(), 1);
     Ok(())
 }
@@ -430,7 +443,7 @@ async fn complete_rollout_is_deployed() -> Result<()> {
     assert_eq!(alerts[0].message_id, format!("{}:alert:deployed", run.id));
     let alert: Value = serde_json::from_str(&alerts[0].body)?;
     assert_eq!(alert["severity"], "info");
-    let reads: Vec<String> = h.seen()[8..].iter().map(|s| s.path.clone()).collect();
+    let reads: Vec<String> = h.seen()[APPLIED..].iter().map(|s| s.path.clone()).collect();
     assert_eq!(
         reads,
         [
@@ -442,7 +455,7 @@ async fn complete_rollout_is_deployed() -> Result<()> {
     // Redelivered: nothing more is read or written; the alert repeats with
     // the same MessageId (dropped as a duplicate).
     h.verify(&verify_id(&run, 1)).await?;
-    assert_eq!(h.seen().len(), 10);
+    assert_eq!(h.seen().len(), APPLIED + 2);
     assert_eq!(h.alerts().await.len(), 1);
     Ok(())
 }
@@ -482,9 +495,9 @@ async fn progress_deadline_exceeded_rolls_back_to_the_previous_good_version() ->
     assert!(line.contains("rolled back"), "{line}");
 
     let seen = h.seen();
-    assert_eq!(seen.len(), 8 + 2 + 8, "{seen:#?}");
-    assert_applied(&seen[10..], &previous_objects.objects);
-    let image = seen[16]
+    assert_eq!(seen.len(), APPLIED + 2 + APPLIED, "{seen:#?}");
+    assert_applied(&seen[APPLIED + 2..], &previous_objects.objects);
+    let image = seen[APPLIED + 2 + DEPLOYMENT_AT]
         .body
         .pointer("/spec/template/spec/containers/0/image");
     assert_eq!(
@@ -546,7 +559,7 @@ async fn crash_loop_without_a_previous_version_fails() -> Result<()> {
     );
     h.verify(&verify_id(&run, 1)).await?;
 
-    assert_eq!(h.seen().len(), 10, "no rollback applied");
+    assert_eq!(h.seen().len(), APPLIED + 2, "no rollback applied");
     let stored = h.run(&run).await?;
     assert_eq!(stored.status, RunStatus::Failed);
     let verify = &stored.steps["verify"];
@@ -598,7 +611,7 @@ async fn progressing_rollout_is_checked_again_until_the_deadline() -> Result<()>
     // Check 1 delivered again is stale: nothing read, nothing queued.
     let line = h.verify(&verify_id(&run, 1)).await?;
     assert!(line.contains("stale"), "{line}");
-    assert_eq!(h.seen().len(), 10);
+    assert_eq!(h.seen().len(), APPLIED + 2);
     assert_eq!(h.bus.peek("deploy").await.len(), 2);
 
     // Past the deadline (10m from the apply) a still-progressing rollout
@@ -629,12 +642,16 @@ async fn a_newer_apply_supersedes_the_older_rollout_check() -> Result<()> {
     h.deploy(&older).await?;
     let newer = h.recorded(DIGEST, Duration::ZERO).await?;
     h.deploy(&newer).await?;
-    assert_eq!(h.seen().len(), 16);
+    assert_eq!(h.seen().len(), 2 * APPLIED);
     h.set(deployment(2, 2, 2, json!([])), json!([]));
 
     let line = h.verify(&verify_id(&older, 1)).await?;
     assert!(line.contains("superseded"), "{line}");
-    assert_eq!(h.seen().len(), 16, "nothing read for the older run");
+    assert_eq!(
+        h.seen().len(),
+        2 * APPLIED,
+        "nothing read for the older run"
+    );
     let stored = h.run(&older).await?;
     assert_eq!(stored.status, RunStatus::Superseded);
     assert_eq!(stored.steps["verify"].status, StepStatus::Skipped);
@@ -718,7 +735,11 @@ async fn a_rollback_run_applies_the_earlier_manifests_and_is_not_rolled_back_aga
         json!([]),
     );
     h.verify(&verify_id(&rollback, 1)).await?;
-    assert_eq!(h.seen().len(), 8 + 2, "nothing applied after the checks");
+    assert_eq!(
+        h.seen().len(),
+        APPLIED + 2,
+        "nothing applied after the checks"
+    );
     let stored = h.run(&rollback).await?;
     assert_eq!(stored.status, RunStatus::Failed);
     let summary = stored.steps["verify"].summary.clone().unwrap_or_default();
@@ -727,5 +748,58 @@ async fn a_rollback_run_applies_the_earlier_manifests_and_is_not_rolled_back_aga
         "{summary}"
     );
     assert_eq!(h.blob(DEPLOYED).await?, Some(record), "unchanged");
+    Ok(())
+}
+
+/// An app with Key Vault secrets and an Ingress: the deploy step applies the
+/// SecretProviderClass before the ServiceAccount and Deployment, and the
+/// Ingress last, each at its API path, exactly as rendered.
+#[tokio::test]
+async fn key_vault_and_ingress_kinds_are_applied_at_their_api_paths() -> Result<()> {
+    let h = Harness::with_app(
+        "[apps.expose]\nmode = \"ingress\"\nclass = \"azure-alb-external\"\nhost = \"web.contoso.com\"\nsource_ranges = [\"10.0.4.0/24\"]\n\
+         [apps.keyvault]\nvault_name = \"kv-contoso\"\ntenant_id = \"7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13\"\nclient_id = \"0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9\"\n\
+         [[apps.keyvault.secrets]]\nname = \"db-connection\"\nenv = \"DATABASE_URL\"\n",
+    )
+    .await?;
+    let run = h.recorded(DIGEST, Duration::ZERO).await?;
+    h.deploy(&run).await?;
+
+    let seen = h.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    let spc = "/apis/secrets-store.csi.x-k8s.io/v1/namespaces/web/secretproviderclasses/web";
+    let ingress = "/apis/networking.k8s.io/v1/namespaces/web/ingresses/web";
+    let mut expected: Vec<&str> = EXPECTED_PATHS.to_vec();
+    expected.insert(7, spc);
+    expected.push(ingress);
+    assert_eq!(paths, expected);
+    let objects = h.render(&run)?.objects;
+    for (request, object) in seen.iter().zip(&objects) {
+        assert_eq!(request.method, "PATCH", "{}", request.path);
+        assert!(
+            request.query.contains("fieldManager=gantry"),
+            "{}",
+            request.query
+        );
+        assert_eq!(request.content_type, "application/apply-patch+yaml");
+        assert_eq!(&request.body, object, "{}", request.path);
+    }
+    let body = |path: &str| &seen.iter().find(|s| s.path == path).unwrap().body;
+    assert_eq!(body(spc)["kind"], "SecretProviderClass");
+    assert_eq!(
+        body(spc)["spec"]["parameters"]["keyvaultName"],
+        "kv-contoso"
+    );
+    assert_eq!(
+        body(ingress)["spec"]["ingressClassName"],
+        "azure-alb-external"
+    );
+    // No Secret is ever sent.
+    assert!(seen.iter().all(|s| !s.path.contains("/secrets/")));
+
+    let stored = h.run(&run).await?;
+    assert_eq!(stored.status, RunStatus::Verifying, "{stored:#?}");
+    let applied = stored.steps["deploy"].details["applied"].clone();
+    assert_eq!(applied.as_array().unwrap().len(), APPLIED + 2, "{applied}");
     Ok(())
 }

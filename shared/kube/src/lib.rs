@@ -11,7 +11,7 @@
 //! `kubectl`: gantry's rendered manifests are the source of truth, and policy
 //! was evaluated on exactly them.
 //!
-//! The objects' REST paths come from a static table of the seven kinds gantry
+//! The objects' REST paths come from a static table of the nine kinds gantry
 //! renders ([`KINDS`]), not from API discovery: discovery is one or more extra
 //! round trips on every deploy, needs wider RBAC, and an object of any other
 //! kind is a rendering bug that should fail loudly, not be applied.
@@ -75,6 +75,10 @@ pub struct KindInfo {
     pub plural: &'static str,
     /// Whether the object lives in a namespace.
     pub namespaced: bool,
+    /// Whether the kind comes from a CustomResourceDefinition that a cluster
+    /// may not have installed (the Secrets Store CSI driver's
+    /// SecretProviderClass): listing it then answers 404, which means "none".
+    pub crd: bool,
 }
 
 impl KindInfo {
@@ -90,7 +94,7 @@ impl KindInfo {
 }
 
 /// The kinds gantry renders, in [`APPLY_ORDER`].
-pub const KINDS: [KindInfo; 7] = [
+pub const KINDS: [KindInfo; 9] = [
     KindInfo {
         api_version: "v1",
         kind: "Namespace",
@@ -98,6 +102,7 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "namespaces",
         namespaced: false,
+        crd: false,
     },
     KindInfo {
         api_version: "v1",
@@ -106,6 +111,7 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "resourcequotas",
         namespaced: true,
+        crd: false,
     },
     KindInfo {
         api_version: "v1",
@@ -114,6 +120,7 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "limitranges",
         namespaced: true,
+        crd: false,
     },
     KindInfo {
         api_version: "networking.k8s.io/v1",
@@ -122,6 +129,16 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "networkpolicies",
         namespaced: true,
+        crd: false,
+    },
+    KindInfo {
+        api_version: "secrets-store.csi.x-k8s.io/v1",
+        kind: "SecretProviderClass",
+        group: "secrets-store.csi.x-k8s.io",
+        version: "v1",
+        plural: "secretproviderclasses",
+        namespaced: true,
+        crd: true,
     },
     KindInfo {
         api_version: "v1",
@@ -130,6 +147,7 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "serviceaccounts",
         namespaced: true,
+        crd: false,
     },
     KindInfo {
         api_version: "apps/v1",
@@ -138,6 +156,7 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "deployments",
         namespaced: true,
+        crd: false,
     },
     KindInfo {
         api_version: "v1",
@@ -146,6 +165,16 @@ pub const KINDS: [KindInfo; 7] = [
         version: "v1",
         plural: "services",
         namespaced: true,
+        crd: false,
+    },
+    KindInfo {
+        api_version: "networking.k8s.io/v1",
+        kind: "Ingress",
+        group: "networking.k8s.io",
+        version: "v1",
+        plural: "ingresses",
+        namespaced: true,
+        crd: false,
     },
 ];
 
@@ -158,12 +187,13 @@ pub const DAEMON_SET: KindInfo = KindInfo {
     version: "v1",
     plural: "daemonsets",
     namespaced: true,
+    crd: false,
 };
 
 /// Positions in [`KINDS`] (checked by a test).
 const RESOURCE_QUOTA: usize = 1;
 const LIMIT_RANGE: usize = 2;
-const DEPLOYMENT: usize = 5;
+const DEPLOYMENT: usize = 6;
 
 /// Why a cluster operation failed.
 ///
@@ -416,8 +446,9 @@ impl Cluster {
     }
 
     /// Server-side apply of `objects` in [`APPLY_ORDER`] (Namespace,
-    /// ResourceQuota, LimitRange, NetworkPolicy, ServiceAccount, Deployment,
-    /// Service; objects of one kind keep their given order), field manager
+    /// ResourceQuota, LimitRange, NetworkPolicy, SecretProviderClass,
+    /// ServiceAccount, Deployment, Service, Ingress; objects of one kind keep
+    /// their given order), field manager
     /// [`FIELD_MANAGER`], with `force`. Each object is sent as a
     /// [`DynamicObject`] with its own apiVersion and kind, namespaced objects
     /// in their `metadata.namespace` (never the client's default: a missing
@@ -525,11 +556,19 @@ impl Cluster {
     /// `namespace`, whoever created it, each with its `apiVersion` and
     /// `kind` set (list items come without them). For the audit: policies
     /// apply to what runs in a managed namespace, not only to gantry's own
-    /// objects. Needs `list` on those kinds.
+    /// objects. Needs `list` on those kinds. A CRD kind ([`KindInfo::crd`])
+    /// the cluster does not serve (404) lists as empty: no such objects can
+    /// exist there.
     pub async fn list_namespace(&self, namespace: &str) -> Result<Vec<Value>, KubeError> {
         let mut out = Vec::new();
         for info in KINDS.iter().filter(|k| k.namespaced) {
-            out.extend(self.list(info, namespace, None).await?);
+            match self.list(info, namespace, None).await {
+                Ok(items) => out.extend(items),
+                Err(KubeError::ListObjects {
+                    status: Some(404), ..
+                }) if info.crd => continue,
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }

@@ -26,6 +26,23 @@ image = "contoso.azurecr.io/web"
 namespace = "web"
 port = 8080
 replicas = 2
+
+# Every kind gantry renders: Key Vault secrets (SecretProviderClass) and an
+# Ingress.
+[apps.expose]
+mode = "ingress"
+class = "azure-application-gateway"
+host = "web.contoso.com"
+source_ranges = ["10.0.4.0/24"]
+
+[apps.keyvault]
+vault_name = "kv-contoso"
+tenant_id = "7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13"
+client_id = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"
+
+[[apps.keyvault.secrets]]
+name = "db-connection"
+env = "DATABASE_URL"
 "#;
 
 fn objects() -> Vec<Value> {
@@ -137,15 +154,19 @@ fn status(code: u16, reason: &str, message: &str) -> Reply {
     )
 }
 
-const EXPECTED_PATHS: [&str; 8] = [
+const EXPECTED_PATHS: [&str; 12] = [
     "/api/v1/namespaces/web",
     "/api/v1/namespaces/web/resourcequotas/web",
     "/api/v1/namespaces/web/limitranges/web",
+    "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/default-deny-egress",
     "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/default-deny-ingress",
+    "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/web-allow-egress",
     "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/web-allow-http",
+    "/apis/secrets-store.csi.x-k8s.io/v1/namespaces/web/secretproviderclasses/web",
     "/api/v1/namespaces/web/serviceaccounts/web",
     "/apis/apps/v1/namespaces/web/deployments/web",
     "/api/v1/namespaces/web/services/web",
+    "/apis/networking.k8s.io/v1/namespaces/web/ingresses/web",
 ];
 
 fn assert_server_side_apply(seen: &Seen) {
@@ -200,9 +221,9 @@ async fn apply_order_does_not_depend_on_the_given_order() {
     cluster.apply(&objects).await.unwrap();
     let seen = requests(cluster, server).await;
     let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
-    // The two NetworkPolicies keep their (here reversed) relative order.
+    // The NetworkPolicies keep their (here reversed) relative order.
     let mut expected = EXPECTED_PATHS;
-    expected.swap(3, 4);
+    expected[3..7].reverse();
     assert_eq!(paths, expected);
 }
 
@@ -236,7 +257,7 @@ async fn invalid_objects_apply_nothing() {
         let (cluster, server) = fake_cluster(echo);
         let err = cluster.apply(&objects).await.unwrap_err();
         assert!(
-            matches!(&err, KubeError::InvalidObject { position: 8, .. }),
+            matches!(&err, KubeError::InvalidObject { position: 12, .. }),
             "{err:?}"
         );
         assert!(err.to_string().contains(expected), "{err}");
@@ -278,8 +299,8 @@ async fn validation_failure_is_permanent_and_names_the_object() {
     let text = err.to_string();
     assert!(text.contains("Deployment \"web\""), "{text}");
     assert!(text.contains("HTTP 422"), "{text}");
-    // Stopped at the Deployment: the Service was not applied.
-    assert_eq!(sent, 7);
+    // Stopped at the Deployment: the Service and Ingress were not applied.
+    assert_eq!(sent, 10);
 }
 
 #[tokio::test]
@@ -586,8 +607,13 @@ async fn live_reads_each_object_and_404_is_none() {
     assert_eq!(paths, EXPECTED_PATHS);
     assert!(seen.iter().all(|s| s.method == "GET"));
     assert_eq!(live.len(), objects.len());
-    assert!(live[5].is_none(), "the ServiceAccount is gone");
-    let deployment = live[6].as_ref().unwrap();
+    let index = |kind: &str| objects.iter().position(|o| o["kind"] == kind).unwrap();
+    assert!(
+        live[index("ServiceAccount")].is_none(),
+        "the ServiceAccount is gone"
+    );
+    assert_eq!(live.iter().filter(|o| o.is_none()).count(), 1);
+    let deployment = live[index("Deployment")].as_ref().unwrap();
     assert_eq!(deployment["kind"], "Deployment");
     assert_eq!(deployment["metadata"]["uid"], "u-1");
     assert_eq!(deployment["spec"]["replicas"], 3);
@@ -636,9 +662,11 @@ async fn list_namespace_lists_every_namespaced_kind_with_types() {
             "/api/v1/namespaces/web/resourcequotas",
             "/api/v1/namespaces/web/limitranges",
             "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies",
+            "/apis/secrets-store.csi.x-k8s.io/v1/namespaces/web/secretproviderclasses",
             "/api/v1/namespaces/web/serviceaccounts",
             "/apis/apps/v1/namespaces/web/deployments",
             "/api/v1/namespaces/web/services",
+            "/apis/networking.k8s.io/v1/namespaces/web/ingresses",
         ]
     );
     assert_eq!(listed.len(), 1);
@@ -710,5 +738,64 @@ async fn governance_lists_send_the_selector_and_type_the_items() {
     assert_eq!(
         err.to_string(),
         "listing DaemonSet in kube-system failed (HTTP 403): cannot list daemonsets in kube-system"
+    );
+}
+
+/// A cluster without the Secrets Store CSI driver does not serve
+/// SecretProviderClass (404): that lists as none, while a 404 for a built-in
+/// kind is still an error.
+#[tokio::test]
+async fn list_namespace_skips_an_absent_crd_only() {
+    let list = || {
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": [
+                {"metadata": {"name": "x", "namespace": "web"}}
+            ]}),
+        )
+    };
+    let (cluster, server) = fake_cluster(move |seen| {
+        if seen.path.ends_with("/secretproviderclasses") {
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        } else {
+            list()
+        }
+    });
+    let listed = cluster.list_namespace("web").await.unwrap();
+    requests(cluster, server).await;
+    let kinds: Vec<&str> = listed.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ResourceQuota",
+            "LimitRange",
+            "NetworkPolicy",
+            "ServiceAccount",
+            "Deployment",
+            "Service",
+            "Ingress"
+        ]
+    );
+
+    let (cluster, server) = fake_cluster(move |seen| {
+        if seen.path.ends_with("/ingresses") {
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        } else {
+            list()
+        }
+    });
+    let err = cluster.list_namespace("web").await.unwrap_err();
+    requests(cluster, server).await;
+    assert!(
+        matches!(&err, KubeError::ListObjects { kind, status: Some(404), .. } if kind == "Ingress"),
+        "{err:?}"
     );
 }

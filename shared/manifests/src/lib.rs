@@ -9,31 +9,42 @@
 //!
 //! 1. `Namespace` with Pod Security Admission `restricted` (enforce, audit, warn;
 //!    version `latest`).
-//! 2. `ResourceQuota` sized for a rolling update (formula below), and no
-//!    `LoadBalancer` or `NodePort` Services: exposing the app outside the cluster
-//!    is an ingress decision, not something a namespace does by itself.
+//! 2. `ResourceQuota` sized for a rolling update (formula below), no
+//!    `NodePort` Services, and `LoadBalancer` Services only for the app's own
+//!    Service in a load balancer exposure mode (`1`, else `0`).
 //! 3. `LimitRange`: containers default to the app's requests and limits and
 //!    may not exceed its limits.
-//! 4. Two `NetworkPolicy` objects (see below).
-//! 5. `ServiceAccount` without an automounted token.
-//! 6. `Deployment`: the image by digest only, non-root with a read-only root
+//! 4. Four `NetworkPolicy` objects (see below).
+//! 5. `SecretProviderClass` (only with `[apps.keyvault]`): the Key Vault
+//!    secrets as a Secrets Store CSI volume, read with workload identity.
+//! 6. `ServiceAccount` without an automounted token (annotated with the
+//!    workload identity's client id when Key Vault secrets are declared).
+//! 7. `Deployment`: the image by digest only, non-root with a read-only root
 //!    filesystem, no capabilities, `RuntimeDefault` seccomp, probes, and a
-//!    zero-downtime rolling update (`maxUnavailable: 0`, `maxSurge: 1`).
-//! 7. `Service` (ClusterIP, port 80 → the app port, named `http`).
+//!    zero-downtime rolling update (`maxUnavailable: 0`, `maxSurge: 1`); Key
+//!    Vault secrets mounted read-only at `/mnt/secrets`, `{ENV}_FILE` naming
+//!    each file.
+//! 8. `Service` (port 80 → the app port, named `http`): ClusterIP, or a
+//!    LoadBalancer (internal or public) per `[apps.expose]`.
+//! 9. `Ingress` (only in `ingress` mode).
 //!
 //! Namespace-scoped objects assume one app per namespace (the default: the
 //! namespace is the app name); the ResourceQuota and LimitRange are sized for
-//! this app alone.
+//! this app alone. Exposure, Key Vault and egress: `docs/exposure.md`.
 //!
-//! # NetworkPolicy shape: two objects
+//! # NetworkPolicy shape: four objects
 //!
-//! `default-deny-ingress` selects every pod in the namespace (`podSelector: {}`)
-//! and allows nothing; `{app}-allow-http` selects only the app's pods and
-//! allows TCP to the app port from any source. One object cannot express this:
-//! a policy's `podSelector` applies to all its rules, so a single policy would
-//! either open the app port on every pod in the namespace or leave other pods
-//! un-denied. Two objects also keep the namespace-wide baseline readable on its
-//! own. Egress is not restricted (the app's dependencies are not known here).
+//! `default-deny-ingress` and `default-deny-egress` select every pod in the
+//! namespace (`podSelector: {}`) and allow nothing; `{app}-allow-http` selects
+//! only the app's pods and allows TCP to the app port from exactly the path
+//! the exposure mode opens; `{app}-allow-egress` allows the app's declared
+//! egress (DNS by default). One object cannot express this: a policy's
+//! `podSelector` applies to all its rules, so a single policy would either
+//! open the app's paths on every pod in the namespace or leave other pods
+//! un-denied. Separate objects also keep the namespace-wide baseline readable
+//! on its own. The allow objects are rendered even when they allow nothing,
+//! so the set of objects does not depend on the settings (gantry applies, it
+//! never deletes: an object that stopped being rendered would stay in force).
 //!
 //! # ResourceQuota formula
 //!
@@ -72,24 +83,37 @@
 pub mod quantity;
 mod yaml;
 
+use gantry_pipeline::exposure::{EgressConfig, ExposeConfig, ExposeMode, KeyVaultConfig};
 use gantry_pipeline::{AppConfig, CommitSha, Digest, RunId};
 use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
 /// Kinds in the order they are applied: cluster-scoped and namespace policy
 /// objects first, so the workload is admitted under its quota, limits and
-/// network policy; the Service last, so it never points at pods that were
-/// refused. Several objects of one kind (two NetworkPolicies) are applied
-/// together at that kind's position.
-pub const APPLY_ORDER: [&str; 7] = [
+/// network policy; what the pod refers to (its SecretProviderClass and
+/// ServiceAccount) before the Deployment, so its first pods can start; the
+/// Service after the Deployment, so it never points at pods that were
+/// refused; the Ingress last, as it routes to the Service. Several objects of
+/// one kind (the NetworkPolicies) are applied together at that kind's
+/// position.
+pub const APPLY_ORDER: [&str; 9] = [
     "Namespace",
     "ResourceQuota",
     "LimitRange",
     "NetworkPolicy",
+    "SecretProviderClass",
     "ServiceAccount",
     "Deployment",
     "Service",
+    "Ingress",
 ];
+
+/// The file-name prefix ([`object_file_name`]) of each kind of
+/// [`APPLY_ORDER`]: its apply stage. SecretProviderClass shares stage 5 with
+/// ServiceAccount (both are what the pod refers to; `secretproviderclass`
+/// sorts before `serviceaccount`), so the files of the kinds that existed
+/// before it keep their names in GitOps repositories.
+pub const FILE_STAGES: [u8; 9] = [1, 2, 3, 4, 5, 5, 6, 7, 8];
 
 /// Value of `app.kubernetes.io/managed-by` on everything gantry renders.
 pub const MANAGED_BY: &str = "gantry";
@@ -125,6 +149,25 @@ pub const ANNOTATION_DIGEST: &str = "gantry.dev/digest";
 pub const ANNOTATION_COMMIT: &str = "gantry.dev/commit";
 /// Annotation holding the one-line verdict summary.
 pub const ANNOTATION_VERDICTS: &str = "gantry.dev/verdicts";
+
+/// Service annotation gantry renders when the app sets `allow_public = true`;
+/// the `public-lb` built-in policy admits a public LoadBalancer only with it.
+pub const ANNOTATION_ALLOW_PUBLIC: &str = "gantry.dev/allow-public";
+/// AKS: make a LoadBalancer Service an internal load balancer.
+pub const ANNOTATION_LB_INTERNAL: &str = "service.beta.kubernetes.io/azure-load-balancer-internal";
+/// AKS: the subnet of an internal load balancer's frontend IP.
+pub const ANNOTATION_LB_INTERNAL_SUBNET: &str =
+    "service.beta.kubernetes.io/azure-load-balancer-internal-subnet";
+/// Workload identity: the managed identity's client id, on the ServiceAccount.
+pub const ANNOTATION_WI_CLIENT_ID: &str = "azure.workload.identity/client-id";
+/// Workload identity: the pod label the webhook acts on.
+pub const LABEL_WI_USE: &str = "azure.workload.identity/use";
+/// The Secrets Store CSI driver's name.
+pub const CSI_DRIVER: &str = "secrets-store.csi.k8s.io";
+/// Name of the pod volume holding the Key Vault secrets.
+pub const SECRETS_VOLUME: &str = "secrets-store";
+/// The namespace label every namespace carries (set by the API server).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// Annotations that describe *which run* produced the objects rather than
 /// *what runs*; they are left out of [`Rendered::hash`].
@@ -231,14 +274,23 @@ pub fn render(input: &RenderInput) -> Result<Rendered, RenderError> {
 
     let mut objects = vec![
         namespace(name, ns),
-        resource_quota(name, ns, &res, slots)?,
+        resource_quota(name, ns, &res, slots, app.expose.mode.is_load_balancer())?,
         limit_range(name, ns, app),
-        deny_all_ingress(name, ns),
-        allow_http(name, ns, app.port),
-        service_account(name, ns),
-        deployment(app, ns, &image, &annotations),
-        service(name, ns, app.port),
+        // Sorted by name, as their files list.
+        deny_all(name, ns, "Egress"),
+        deny_all(name, ns, "Ingress"),
+        allow_egress(name, ns, &app.egress),
+        allow_http(name, ns, app),
     ];
+    if let Some(kv) = &app.keyvault {
+        objects.push(secret_provider_class(name, ns, kv));
+    }
+    objects.push(service_account(name, ns, app.keyvault.as_ref()));
+    objects.push(deployment(app, ns, &image, &annotations));
+    objects.push(service(name, ns, app));
+    if app.expose.mode == ExposeMode::Ingress {
+        objects.push(ingress(name, ns, &app.expose));
+    }
     add_app_labels(&mut objects, app)?;
     let hash = manifest_hash(&objects);
     Ok(Rendered { objects, hash })
@@ -259,7 +311,7 @@ pub fn to_yaml(objects: &[Value]) -> Result<String, RenderError> {
 }
 
 /// A stable file name for `obj` in a GitOps directory:
-/// `{position in APPLY_ORDER, 1-based, two digits}-{kind lowercase}-{name}.yaml`,
+/// `{apply stage (FILE_STAGES), two digits}-{kind lowercase}-{name}.yaml`,
 /// e.g. `01-namespace-web.yaml`, so a directory listing is also the apply
 /// order. Kinds outside [`APPLY_ORDER`] get `99`. The name is reduced to
 /// `[a-z0-9.-]` (never a path separator or `..`), `unnamed` when missing.
@@ -268,7 +320,7 @@ pub fn object_file_name(obj: &Value) -> String {
     let position = APPLY_ORDER
         .iter()
         .position(|k| *k == kind)
-        .map_or(99, |i| i + 1);
+        .map_or(99, |i| FILE_STAGES[i]);
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| match c.to_ascii_lowercase() {
@@ -496,6 +548,14 @@ fn check_inputs(input: &RenderInput) -> Result<(), RenderError> {
             ));
         }
     }
+    gantry_pipeline::exposure::validate(
+        &app.expose,
+        app.allow_public,
+        app.keyvault.as_ref(),
+        &app.egress,
+        &app.env,
+    )
+    .map_err(|(field, message)| invalid(field, message))?;
     Ok(())
 }
 
@@ -607,7 +667,13 @@ fn namespace(name: &str, ns: &str) -> Value {
     })
 }
 
-fn resource_quota(name: &str, ns: &str, res: &Resources, slots: u64) -> Result<Value, RenderError> {
+fn resource_quota(
+    name: &str,
+    ns: &str,
+    res: &Resources,
+    slots: u64,
+    load_balancer: bool,
+) -> Result<Value, RenderError> {
     let total = |field: &'static str, per_pod: u64| -> Result<u64, RenderError> {
         per_pod
             .checked_mul(slots)
@@ -634,7 +700,9 @@ fn resource_quota(name: &str, ns: &str, res: &Resources, slots: u64) -> Result<V
                 "limits.cpu": quantity::format_millis(cpu_limit),
                 "requests.memory": quantity::format_bytes(memory_request),
                 "limits.memory": quantity::format_bytes(memory_limit),
-                "services.loadbalancers": "0",
+                // Exactly the app's own LoadBalancer Service, when its
+                // exposure mode asks for one; none otherwise.
+                "services.loadbalancers": if load_balancer { "1" } else { "0" },
                 "services.nodeports": "0",
             },
         },
@@ -659,17 +727,64 @@ fn limit_range(name: &str, ns: &str, app: &AppConfig) -> Value {
     })
 }
 
-fn deny_all_ingress(name: &str, ns: &str) -> Value {
+/// `default-deny-{ingress,egress}`: selects every pod in the namespace
+/// (`podSelector: {}`) and allows nothing in that direction.
+fn deny_all(name: &str, ns: &str, direction: &str) -> Value {
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": metadata("default-deny-ingress", ns, common_labels(name)),
-        // No `ingress` rules: every pod selected (all of them) accepts nothing.
-        "spec": { "podSelector": {}, "policyTypes": ["Ingress"] },
+        "metadata": metadata(
+            &format!("default-deny-{}", direction.to_ascii_lowercase()),
+            ns,
+            common_labels(name),
+        ),
+        // No rules: every pod selected (all of them) gets nothing.
+        "spec": { "podSelector": {}, "policyTypes": [direction] },
     })
 }
 
-fn allow_http(name: &str, ns: &str, port: u16) -> Value {
+fn ip_block(cidr: &str) -> Value {
+    json!({ "ipBlock": { "cidr": cidr } })
+}
+
+fn namespace_peer(ns: &str) -> Value {
+    json!({ "namespaceSelector": { "matchLabels": { NAMESPACE_NAME_LABEL: ns } } })
+}
+
+/// `{app}-allow-http`: TCP to the app port, from exactly the path the
+/// exposure mode opens (see `docs/exposure.md`):
+/// - `cluster`: pods of any namespace (`namespaceSelector: {}`), or of
+///   `from_namespaces`; nothing from outside the cluster.
+/// - `internal-lb` / `public-lb`: the `ipBlock`s of the effective source
+///   ranges (the Service keeps client addresses: `externalTrafficPolicy: Local`).
+/// - `ingress`: pods of `controller_namespace` and/or the gateway subnet
+///   (`source_ranges`) for gateways outside the cluster (AGIC, AGC).
+fn allow_http(name: &str, ns: &str, app: &AppConfig) -> Value {
+    let e = &app.expose;
+    let from: Vec<Value> = match e.mode {
+        ExposeMode::Cluster if e.from_namespaces.is_empty() => {
+            vec![json!({ "namespaceSelector": {} })]
+        }
+        ExposeMode::Cluster => {
+            let mut names: Vec<&str> = e.from_namespaces.iter().map(|n| n.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            vec![json!({ "namespaceSelector": { "matchExpressions": [{
+                "key": NAMESPACE_NAME_LABEL, "operator": "In", "values": names,
+            }] } })]
+        }
+        ExposeMode::InternalLb | ExposeMode::PublicLb => e
+            .effective_source_ranges()
+            .iter()
+            .map(|c| ip_block(c))
+            .collect(),
+        ExposeMode::Ingress => e
+            .controller_namespace
+            .iter()
+            .map(|n| namespace_peer(n.as_str()))
+            .chain(e.source_ranges.iter().map(|c| ip_block(c)))
+            .collect(),
+    };
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -677,26 +792,129 @@ fn allow_http(name: &str, ns: &str, port: u16) -> Value {
         "spec": {
             "podSelector": { "matchLabels": selector_labels(name) },
             "policyTypes": ["Ingress"],
-            // No `from`: any source (the ingress controller lives elsewhere),
-            // but only this port.
-            "ingress": [{ "ports": [{ "protocol": "TCP", "port": port }] }],
+            "ingress": [{ "from": from, "ports": [{ "protocol": "TCP", "port": app.port }] }],
         },
     })
 }
 
-fn service_account(name: &str, ns: &str) -> Value {
+/// `{app}-allow-egress`: the app's declared egress, nothing else (the
+/// namespace's `default-deny-egress` denies the rest). Always rendered, even
+/// with no rule, so removing the last declared rule also removes it from the
+/// cluster on the next apply.
+fn allow_egress(name: &str, ns: &str, egress: &EgressConfig) -> Value {
+    let mut rules = Vec::new();
+    if egress.dns {
+        rules.push(json!({
+            "to": [{
+                "namespaceSelector": { "matchLabels": { NAMESPACE_NAME_LABEL: "kube-system" } },
+                "podSelector": { "matchLabels": { "k8s-app": "kube-dns" } },
+            }],
+            "ports": [{ "protocol": "UDP", "port": 53 }, { "protocol": "TCP", "port": 53 }],
+        }));
+    }
+    if !egress.cidrs.is_empty() {
+        let mut rule =
+            json!({ "to": egress.cidrs.iter().map(|c| ip_block(c)).collect::<Vec<_>>() });
+        if !egress.ports.is_empty() {
+            let mut ports = egress.ports.clone();
+            ports.sort_unstable();
+            ports.dedup();
+            rule["ports"] = ports
+                .into_iter()
+                .map(|p| json!({ "protocol": "TCP", "port": p }))
+                .collect();
+        }
+        rules.push(rule);
+    }
+    for (cidr, ranges) in egress.service_rules() {
+        let ports: Vec<Value> = ranges
+            .into_iter()
+            .map(|(first, last)| {
+                if first == last {
+                    json!({ "protocol": "TCP", "port": first })
+                } else {
+                    json!({ "protocol": "TCP", "port": first, "endPort": last })
+                }
+            })
+            .collect();
+        rules.push(json!({ "to": [ip_block(&cidr)], "ports": ports }));
+    }
     json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(&format!("{name}-allow-egress"), ns, common_labels(name)),
+        "spec": {
+            "podSelector": { "matchLabels": selector_labels(name) },
+            "policyTypes": ["Egress"],
+            "egress": rules,
+        },
+    })
+}
+
+/// The `objects` parameter of an Azure SecretProviderClass: a YAML document
+/// with an `array` of YAML strings, one per secret (the provider's format).
+/// Names are validated as `[0-9A-Za-z-]`, so they need no quoting.
+fn keyvault_objects(kv: &KeyVaultConfig) -> String {
+    let mut out = String::from("array:\n");
+    for s in &kv.secrets {
+        out.push_str("  - |\n");
+        out.push_str(&format!("    objectName: {}\n", s.name));
+        out.push_str("    objectType: secret\n");
+    }
+    out
+}
+
+/// The Key Vault secrets as a CSI volume source, read with the app's
+/// workload identity (`clientID`). No `secretObjects`: that would sync the
+/// values into a Kubernetes Secret; the pod reads the mounted files instead.
+fn secret_provider_class(name: &str, ns: &str, kv: &KeyVaultConfig) -> Value {
+    json!({
+        "apiVersion": "secrets-store.csi.x-k8s.io/v1",
+        "kind": "SecretProviderClass",
+        "metadata": metadata(name, ns, common_labels(name)),
+        "spec": {
+            "provider": "azure",
+            "parameters": {
+                "usePodIdentity": "false",
+                "clientID": kv.client_id,
+                "keyvaultName": kv.vault_name,
+                "tenantId": kv.tenant_id,
+                "objects": keyvault_objects(kv),
+            },
+        },
+    })
+}
+
+/// The ServiceAccount never automounts its token. With Key Vault secrets it
+/// names the managed identity federated with it; the workload identity
+/// webhook then projects its own short-lived, audience-bound token into the
+/// pod, independent of `automountServiceAccountToken`.
+fn service_account(name: &str, ns: &str, kv: Option<&KeyVaultConfig>) -> Value {
+    let mut sa = json!({
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": metadata(name, ns, common_labels(name)),
         "automountServiceAccountToken": false,
-    })
+    });
+    if let Some(kv) = kv {
+        sa["metadata"]["annotations"] = json!({ ANNOTATION_WI_CLIENT_ID: kv.client_id });
+    }
+    sa
 }
 
 fn deployment(app: &AppConfig, ns: &str, image: &str, annotations: &Value) -> Value {
     let name = app.name.as_str();
     let r = &app.resources;
-    let mut env: Vec<(&String, &String)> = app.env.iter().collect();
+    // Plain variables and, per Key Vault secret, `{ENV}_FILE` = the path of
+    // its mounted file (never the value), sorted by name together.
+    let mut env: Vec<(String, String)> = app
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(kv) = &app.keyvault {
+        env.extend(kv.secrets.iter().map(|s| (s.file_env(), s.file_path())));
+    }
     env.sort();
     let env: Vec<Value> = env
         .into_iter()
@@ -737,6 +955,29 @@ fn deployment(app: &AppConfig, ns: &str, image: &str, annotations: &Value) -> Va
     {
         c.insert("env".into(), Value::Array(env));
     }
+    let mut volumes = vec![json!({ "name": "tmp", "emptyDir": { "sizeLimit": TMP_SIZE_LIMIT } })];
+    let mut pod_labels = workload_labels(name);
+    if app.keyvault.is_some() {
+        container["volumeMounts"]
+            .as_array_mut()
+            .into_iter()
+            .for_each(|mounts| {
+                mounts.push(json!({
+                    "name": SECRETS_VOLUME,
+                    "mountPath": gantry_pipeline::exposure::SECRETS_MOUNT_PATH,
+                    "readOnly": true,
+                }));
+            });
+        volumes.push(json!({
+            "name": SECRETS_VOLUME,
+            "csi": {
+                "driver": CSI_DRIVER,
+                "readOnly": true,
+                "volumeAttributes": { "secretProviderClass": name },
+            },
+        }));
+        pod_labels[LABEL_WI_USE] = "true".into();
+    }
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -756,7 +997,7 @@ fn deployment(app: &AppConfig, ns: &str, image: &str, annotations: &Value) -> Va
                 "rollingUpdate": { "maxUnavailable": 0, "maxSurge": MAX_SURGE },
             },
             "template": {
-                "metadata": { "labels": workload_labels(name), "annotations": annotations },
+                "metadata": { "labels": pod_labels, "annotations": annotations },
                 "spec": {
                     "serviceAccountName": name,
                     "automountServiceAccountToken": false,
@@ -768,22 +1009,69 @@ fn deployment(app: &AppConfig, ns: &str, image: &str, annotations: &Value) -> Va
                         "seccompProfile": { "type": "RuntimeDefault" },
                     },
                     "containers": [container],
-                    "volumes": [{ "name": "tmp", "emptyDir": { "sizeLimit": TMP_SIZE_LIMIT } }],
+                    "volumes": volumes,
                 },
             },
         },
     })
 }
 
-fn service(name: &str, ns: &str, port: u16) -> Value {
-    json!({
+/// The app's Service: port 80 → the app port, named `http`. ClusterIP in
+/// `cluster` and `ingress` mode; a LoadBalancer with the AKS annotations in
+/// the load balancer modes, keeping client addresses
+/// (`externalTrafficPolicy: Local`) so the NetworkPolicy's `ipBlock`s see
+/// them rather than a node's address.
+fn service(name: &str, ns: &str, app: &AppConfig) -> Value {
+    let e = &app.expose;
+    let mut svc = json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": metadata(name, ns, common_labels(name)),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(name),
-            "ports": [{ "name": "http", "protocol": "TCP", "port": 80, "targetPort": port }],
+            "ports": [{ "name": "http", "protocol": "TCP", "port": 80, "targetPort": app.port }],
+        },
+    });
+    if !e.mode.is_load_balancer() {
+        return svc;
+    }
+    let mut annotations = Map::new();
+    if e.mode == ExposeMode::InternalLb {
+        annotations.insert(ANNOTATION_LB_INTERNAL.into(), "true".into());
+        if let Some(subnet) = &e.internal_subnet {
+            annotations.insert(ANNOTATION_LB_INTERNAL_SUBNET.into(), subnet.as_str().into());
+        }
+    } else if app.allow_public {
+        annotations.insert(ANNOTATION_ALLOW_PUBLIC.into(), "true".into());
+    }
+    svc["metadata"]["annotations"] = Value::Object(annotations);
+    svc["spec"]["type"] = "LoadBalancer".into();
+    svc["spec"]["externalTrafficPolicy"] = "Local".into();
+    if !e.source_ranges.is_empty() {
+        svc["spec"]["loadBalancerSourceRanges"] = json!(e.source_ranges);
+    }
+    svc
+}
+
+/// `networking.k8s.io/v1` Ingress: `host` + `path` (Prefix) → the Service's
+/// port 80, through `class`. No TLS section: a TLS Secret is what gantry
+/// never creates (certificates belong on the gateway; see docs/exposure.md).
+fn ingress(name: &str, ns: &str, e: &ExposeConfig) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": metadata(name, ns, common_labels(name)),
+        "spec": {
+            "ingressClassName": e.class,
+            "rules": [{
+                "host": e.host,
+                "http": { "paths": [{
+                    "path": e.path(),
+                    "pathType": "Prefix",
+                    "backend": { "service": { "name": name, "port": { "number": 80 } } },
+                }] },
+            }],
         },
     })
 }

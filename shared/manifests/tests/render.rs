@@ -103,6 +103,8 @@ fn objects_follow_apply_order() {
             "LimitRange",
             "NetworkPolicy",
             "NetworkPolicy",
+            "NetworkPolicy",
+            "NetworkPolicy",
             "ServiceAccount",
             "Deployment",
             "Service"
@@ -110,7 +112,13 @@ fn objects_follow_apply_order() {
     );
     let mut distinct = kinds.clone();
     distinct.dedup();
-    assert_eq!(distinct, APPLY_ORDER);
+    // No Key Vault, no Ingress by default: the other kinds keep their order.
+    let expected: Vec<&str> = APPLY_ORDER
+        .iter()
+        .copied()
+        .filter(|k| !matches!(*k, "SecretProviderClass" | "Ingress"))
+        .collect();
+    assert_eq!(distinct, expected);
     let names: Vec<String> = r.objects.iter().map(object_file_name).collect();
     assert_eq!(
         names,
@@ -118,7 +126,9 @@ fn objects_follow_apply_order() {
             "01-namespace-web-prod.yaml",
             "02-resourcequota-web.yaml",
             "03-limitrange-web.yaml",
+            "04-networkpolicy-default-deny-egress.yaml",
             "04-networkpolicy-default-deny-ingress.yaml",
+            "04-networkpolicy-web-allow-egress.yaml",
             "04-networkpolicy-web-allow-http.yaml",
             "05-serviceaccount-web.yaml",
             "06-deployment-web.yaml",
@@ -223,16 +233,40 @@ fn limit_range_defaults_to_the_app_resources() {
 fn network_policies_deny_by_default_and_open_the_app_port() {
     let r = rendered();
     let policies = kind(&r.objects, "NetworkPolicy");
-    let deny = policies[0];
-    at(deny, "/metadata/name", json!("default-deny-ingress"));
-    at(deny, "/spec/podSelector", json!({}));
-    at(deny, "/spec/policyTypes", json!(["Ingress"]));
-    assert!(
-        deny.pointer("/spec/ingress").is_none(),
-        "deny-all has no rules"
+    for (deny, direction) in [(policies[0], "Egress"), (policies[1], "Ingress")] {
+        let name = format!("default-deny-{}", direction.to_lowercase());
+        at(deny, "/metadata/name", json!(name));
+        at(deny, "/spec/podSelector", json!({}));
+        at(deny, "/spec/policyTypes", json!([direction]));
+        assert!(
+            deny.pointer("/spec/ingress").is_none() && deny.pointer("/spec/egress").is_none(),
+            "deny-all has no rules"
+        );
+    }
+
+    // Default egress: DNS to kube-dns only.
+    let egress = policies[2];
+    at(egress, "/metadata/name", json!("web-allow-egress"));
+    at(egress, "/spec/policyTypes", json!(["Egress"]));
+    at(
+        egress,
+        "/spec/podSelector/matchLabels",
+        json!({"app.kubernetes.io/name": "web", "app.kubernetes.io/instance": "web"}),
+    );
+    at(
+        egress,
+        "/spec/egress",
+        json!([{
+            "to": [{
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }],
+            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+        }]),
     );
 
-    let allow = policies[1];
+    // Default exposure (cluster): the app port from pods of any namespace only.
+    let allow = policies[3];
     at(allow, "/metadata/name", json!("web-allow-http"));
     at(
         allow,
@@ -243,7 +277,7 @@ fn network_policies_deny_by_default_and_open_the_app_port() {
     at(
         allow,
         "/spec/ingress",
-        json!([{"ports": [{"protocol": "TCP", "port": 8080}]}]),
+        json!([{"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 8080}]}]),
     );
 }
 

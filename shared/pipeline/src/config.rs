@@ -927,6 +927,20 @@ pub struct AppConfig {
     /// asks for. gantry's own labels cannot be overridden.
     #[serde(default)]
     pub labels: crate::governance::AppLabels,
+    /// How the app is reached (`[apps.expose]`; default: ClusterIP only).
+    #[serde(default)]
+    pub expose: crate::exposure::ExposeConfig,
+    /// Confirms `expose.mode = "public-lb"`: the app is reachable from the
+    /// internet. Rendered as the `gantry.dev/allow-public` Service annotation
+    /// the `public-lb` built-in policy looks for.
+    #[serde(default)]
+    pub allow_public: bool,
+    /// Key Vault secrets mounted as files (`[apps.keyvault]`).
+    #[serde(default)]
+    pub keyvault: Option<crate::exposure::KeyVaultConfig>,
+    /// Declared egress (`[apps.egress]`); everything else is denied.
+    #[serde(default)]
+    pub egress: crate::exposure::EgressConfig,
 }
 
 fn default_branches() -> Vec<String> {
@@ -1043,6 +1057,14 @@ impl Config {
                     )));
                 }
             }
+            crate::exposure::validate(
+                &app.expose,
+                app.allow_public,
+                app.keyvault.as_ref(),
+                &app.egress,
+                &app.env,
+            )
+            .map_err(|(field, message)| invalid(format!("{}: {message}", at(field))))?;
         }
         if let Some(id) = &config.deploy.aks_cluster {
             check_aks_cluster_id(id).map_err(|e| invalid(format!("deploy.aks_cluster: {e}")))?;

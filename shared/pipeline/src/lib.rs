@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod exposure;
 pub mod findings;
 pub mod governance;
 pub mod ids;

@@ -55,4 +55,7 @@ pub(crate) const BUILTINS: &[Builtin] = &[
     builtin!("probes"),
     builtin!("automount-token"),
     builtin!("namespace-psa"),
+    builtin!("public-lb"),
+    builtin!("secret-env"),
+    builtin!("pipeline-secret"),
 ];

@@ -43,7 +43,7 @@ fn every_builtin_suite_has_allowed_and_disallowed_cases() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_dir())
         .collect();
-    assert_eq!(dirs.len(), 9);
+    assert_eq!(dirs.len(), 12);
     for dir in dirs {
         let suite = std::fs::read_to_string(dir.join("suite.yaml")).unwrap();
         assert!(
@@ -59,7 +59,7 @@ fn every_builtin_suite_has_allowed_and_disallowed_cases() {
 #[test]
 fn builtin_set_passes_a_hardened_app() {
     let set = PolicySet::builtin().unwrap();
-    assert_eq!(set.constraints(), 9);
+    assert_eq!(set.constraints(), 12);
     assert_eq!(
         set.templates(),
         vec![
@@ -72,6 +72,9 @@ fn builtin_set_passes_a_hardened_app() {
             "gantryprobes",
             "gantryautomounttoken",
             "gantrynamespacepsa",
+            "gantrypubliclb",
+            "gantrysecretenv",
+            "gantrypipelinesecret",
         ]
     );
     let service = json!({"apiVersion": "v1", "kind": "Service",
@@ -90,13 +93,22 @@ fn builtin_set_flags_every_weakness_of_a_careless_app() {
         "metadata": {"name": "web", "namespace": "web"},
         "spec": {"template": {"spec": {
             "hostNetwork": true,
-            "containers": [{"name": "web", "image": "contoso.azurecr.io/web:latest"}]
+            "containers": [{"name": "web", "image": "contoso.azurecr.io/web:latest",
+                            "env": [{"name": "DB_PASSWORD", "value": "hunter2"}]}]
         }}}
     });
     let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}});
-    let v = set.evaluate(&[namespace, careless], &[]).unwrap();
+    let public = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "web"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}});
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "web", "namespace": "web",
+                     "labels": {"app.kubernetes.io/managed-by": "gantry"}}});
+    let v = set
+        .evaluate(&[namespace, careless, public, secret], &[])
+        .unwrap();
     let templates: BTreeSet<&str> = v.iter().map(|v| v.template.as_str()).collect();
-    assert_eq!(templates.len(), 9, "{templates:?}");
+    assert_eq!(templates.len(), 12, "{templates:?}");
     assert!(
         v.iter()
             .all(|v| v.enforcement_action == EnforcementAction::Deny)
