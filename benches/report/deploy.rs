@@ -448,7 +448,9 @@ impl Samples {
         );
         row(
             out,
-            &format!("{mode}: available → settled (8 applies, run → verifying, verify scheduled)"),
+            &format!(
+                "{mode}: available → settled (every apply, run → verifying, verify scheduled)"
+            ),
             n,
             self.settled,
         );
