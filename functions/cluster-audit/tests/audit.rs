@@ -8,7 +8,7 @@
 // Helpers outside `#[test]` functions unwrap too: a panic is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -343,6 +343,49 @@ async fn hand_made_objects_in_the_namespace_are_policy_audited_not_drift() -> Re
     assert_eq!(alerts[0].1["detail"]["name"], "debug");
     h.fire_ok().await?;
     assert_eq!(h.alerts().await?.len(), 1);
+    Ok(())
+}
+
+/// A deleted `default-deny-egress` is drift (gone from the target) and, since
+/// the live objects of the namespace are evaluated together, an `egress`
+/// policy violation of the Deployment: its namespace no longer denies egress.
+#[tokio::test]
+async fn a_deleted_default_deny_egress_is_drift_and_an_egress_violation() -> Result<()> {
+    let h = Harness::new("[deploy]\ntarget = \"kubernetes\"\n").await?;
+    let (_, objects) = h.deployed().await?;
+    h.serve(&objects);
+    let line = h.fire_ok().await?;
+    assert!(line.contains("0 open findings"), "{line}");
+    let removed =
+        h.objects.lock().unwrap().remove(
+            "/apis/networking.k8s.io/v1/namespaces/web/networkpolicies/default-deny-egress",
+        );
+    assert!(
+        removed.is_some(),
+        "the fake serves the rendered NetworkPolicy"
+    );
+    let line = h.fire_ok().await?;
+    let alerts = h.alerts().await?;
+    assert_eq!(alerts.len(), 2, "{line}: {alerts:#?}");
+    let kinds: BTreeSet<&str> = alerts
+        .iter()
+        .map(|(_, a)| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, BTreeSet::from(["drift", "policy-violation"]));
+    let violation = &alerts
+        .iter()
+        .find(|(_, a)| a["kind"] == "policy-violation")
+        .unwrap()
+        .1;
+    assert_eq!(violation["detail"]["template"], "gantryegress");
+    assert_eq!(violation["detail"]["kind"], "Deployment");
+    assert!(
+        violation["reason"]
+            .as_str()
+            .unwrap()
+            .contains("namespace <web> has no default-deny egress NetworkPolicy"),
+        "{violation}"
+    );
     Ok(())
 }
 

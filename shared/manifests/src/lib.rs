@@ -153,6 +153,10 @@ pub const ANNOTATION_VERDICTS: &str = "gantry.dev/verdicts";
 /// Service annotation gantry renders when the app sets `allow_public = true`;
 /// the `public-lb` built-in policy admits a public LoadBalancer only with it.
 pub const ANNOTATION_ALLOW_PUBLIC: &str = "gantry.dev/allow-public";
+/// NetworkPolicy annotation gantry renders on `{app}-allow-egress` when the
+/// app sets `[apps.egress] allow_internet = true` (egress to `0.0.0.0/0` or
+/// `::/0`); the `egress` built-in policy denies such egress without it.
+pub const ANNOTATION_ALLOW_INTERNET_EGRESS: &str = "gantry.dev/allow-internet-egress";
 /// AKS: make a LoadBalancer Service an internal load balancer.
 pub const ANNOTATION_LB_INTERNAL: &str = "service.beta.kubernetes.io/azure-load-balancer-internal";
 /// AKS: the subnet of an internal load balancer's frontend IP.
@@ -839,7 +843,7 @@ fn allow_egress(name: &str, ns: &str, egress: &EgressConfig) -> Value {
             .collect();
         rules.push(json!({ "to": [ip_block(&cidr)], "ports": ports }));
     }
-    json!({
+    let mut policy = json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": metadata(&format!("{name}-allow-egress"), ns, common_labels(name)),
@@ -848,7 +852,12 @@ fn allow_egress(name: &str, ns: &str, egress: &EgressConfig) -> Value {
             "policyTypes": ["Egress"],
             "egress": rules,
         },
-    })
+    });
+    // Validation guarantees a /0 in `cidrs` exactly when this is set.
+    if egress.allow_internet {
+        policy["metadata"]["annotations"] = json!({ ANNOTATION_ALLOW_INTERNET_EGRESS: "true" });
+    }
+    policy
 }
 
 /// The `objects` parameter of an Azure SecretProviderClass: a YAML document

@@ -471,6 +471,52 @@ fn egress_is_denied_except_what_is_declared() {
     at(np, "/spec/egress", json!([]));
 }
 
+const INTERNET: &str =
+    "[apps.egress]\nallow_internet = true\ncidrs = [\"0.0.0.0/0\"]\nports = [443]\n";
+
+#[test]
+fn internet_egress_carries_the_opt_in_only_when_declared() {
+    let r = rendered(INTERNET);
+    let np = find(&r, "NetworkPolicy", "web-allow-egress");
+    at(
+        np,
+        "/metadata/annotations",
+        json!({"gantry.dev/allow-internet-egress": "true"}),
+    );
+    at(
+        np,
+        "/spec/egress/1",
+        json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]}),
+    );
+    // The namespace still denies by default: only the app's pods get out.
+    find(&r, "NetworkPolicy", "default-deny-egress");
+
+    // Without the opt-in nothing carries the annotation.
+    for extra in ["", "[apps.egress]\ncidrs = [\"10.1.0.0/16\"]\n"] {
+        let r = rendered(extra);
+        let np = find(&r, "NetworkPolicy", "web-allow-egress");
+        assert!(np["metadata"].get("annotations").is_none(), "{np}");
+    }
+
+    // gantry.toml refuses a /0 without the opt-in (pipeline tests); an
+    // AppConfig built in code is checked again by the renderer, both ways.
+    let mut a = app(INTERNET);
+    a.egress.allow_internet = false;
+    match render_app(&a) {
+        Err(RenderError::Invalid { field, message }) => {
+            assert_eq!(field, "egress.cidrs");
+            assert!(message.contains("allow_internet = true"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut a = app("");
+    a.egress.allow_internet = true;
+    match render_app(&a) {
+        Err(RenderError::Invalid { field, .. }) => assert_eq!(field, "egress.allow_internet"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn every_mode_renders_deterministically_and_differently() {
     let modes = [
@@ -511,6 +557,8 @@ fn every_rendered_mode_passes_the_builtin_policies() {
         "allow_public = true\n[apps.expose]\nmode = \"public-lb\"\nsource_ranges = [\"203.0.113.0/24\"]\n".to_string(),
         "[apps.expose]\nmode = \"ingress\"\nclass = \"azure-alb-external\"\nhost = \"web.contoso.com\"\nsource_ranges = [\"10.0.4.0/24\"]\n".to_string(),
         format!("{}[apps.egress]\nservices = [\"keyvault\", \"sql\"]\nprivate_endpoint_cidr = \"10.0.8.0/24\"\n", keyvault_toml()),
+        "[apps.egress]\ndns = false\ncidrs = [\"10.1.0.0/16\"]\n".to_string(),
+        INTERNET.to_string(),
     ] {
         let r = rendered(&extra);
         let v = set.evaluate(&r.objects, &[]).unwrap();
@@ -520,7 +568,8 @@ fn every_rendered_mode_passes_the_builtin_policies() {
 
 /// The policy gate catches what the renderer would never produce: a public
 /// load balancer without the opt-in, a secret in plain env, a Secret object
-/// labelled as the pipeline's.
+/// labelled as the pipeline's, a namespace without default-deny egress, and
+/// egress to anywhere without the opt-in.
 #[test]
 fn hand_made_weakenings_of_a_render_are_denied() {
     let set = gantry_policy::PolicySet::builtin().unwrap();
@@ -575,4 +624,57 @@ fn hand_made_weakenings_of_a_render_are_denied() {
         "stringData": {"DATABASE_URL": "postgres://db"},
     }));
     assert_eq!(templates(&r.objects), ["gantrypipelinesecret:web-db"]);
+
+    // Without default-deny-egress, the namespace's pods reach anything: the
+    // Deployment is denied (the gate evaluates the rendered set together).
+    let mut r = rendered("");
+    r.objects
+        .retain(|o| o["metadata"]["name"] != "default-deny-egress");
+    assert_eq!(templates(&r.objects), ["gantryegress:web"]);
+
+    // A default deny that gained a rule is no longer a deny.
+    let mut r = rendered("");
+    let deny = r
+        .objects
+        .iter_mut()
+        .find(|o| o["metadata"]["name"] == "default-deny-egress")
+        .unwrap();
+    deny["spec"]["egress"] = json!([{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]);
+    assert_eq!(templates(&r.objects), ["gantryegress:web"]);
+
+    // The app's egress opened to the internet, or to everything, without
+    // the opt-in.
+    for rule in [
+        json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+        json!({"ports": [{"protocol": "TCP", "port": 443}]}),
+    ] {
+        let mut r = rendered("");
+        let np = r
+            .objects
+            .iter_mut()
+            .find(|o| o["metadata"]["name"] == "web-allow-egress")
+            .unwrap();
+        np["spec"]["egress"]
+            .as_array_mut()
+            .unwrap()
+            .push(rule.clone());
+        assert_eq!(
+            templates(&r.objects),
+            ["gantryegress:web-allow-egress"],
+            "{rule}"
+        );
+    }
+
+    // The opt-in is what admits the internet rule.
+    let mut r = rendered(INTERNET);
+    let np = r
+        .objects
+        .iter_mut()
+        .find(|o| o["metadata"]["name"] == "web-allow-egress")
+        .unwrap();
+    np["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    assert_eq!(templates(&r.objects), ["gantryegress:web-allow-egress"]);
 }

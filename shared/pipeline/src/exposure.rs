@@ -222,6 +222,12 @@ pub struct EgressConfig {
     /// TCP ports allowed to `cidrs`; empty: every port and protocol.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Confirms a `cidrs` entry of `0.0.0.0/0` or `::/0` (the whole
+    /// internet): renders `gantry.dev/allow-internet-egress: "true"` on the
+    /// app's egress policy, which the `egress` built-in policy requires for it.
+    /// Like `allow_public`, it must be set exactly when it means something.
+    #[serde(default)]
+    pub allow_internet: bool,
     /// Named Azure services, reached through their private endpoints in
     /// `private_endpoint_cidr` on the service's ports.
     #[serde(default)]
@@ -272,6 +278,7 @@ impl Default for EgressConfig {
             dns: true,
             cidrs: Vec::new(),
             ports: Vec::new(),
+            allow_internet: false,
             services: Vec::new(),
             private_endpoint_cidr: None,
             service_cidrs: std::collections::BTreeMap::new(),
@@ -670,9 +677,29 @@ fn validate_egress(e: &EgressConfig) -> Result<(), FieldError> {
     if e.cidrs.len() > 64 {
         return Err(("egress.cidrs", "at most 64 CIDRs".into()));
     }
+    let mut internet = false;
     for cidr in &e.cidrs {
         no_control("egress.cidrs", cidr)?;
-        parse_cidr(cidr).map_err(|m| ("egress.cidrs", m))?;
+        let (_, prefix) = parse_cidr(cidr).map_err(|m| ("egress.cidrs", m))?;
+        if prefix == 0 {
+            // The `egress` built-in policy denies a /0 without the opt-in:
+            // refuse it here with the fix instead of at the policy gate.
+            if !e.allow_internet {
+                return Err((
+                    "egress.cidrs",
+                    format!(
+                        "{cidr:?} is the whole internet: set allow_internet = true under [apps.egress] to confirm"
+                    ),
+                ));
+            }
+            internet = true;
+        }
+    }
+    if e.allow_internet && !internet {
+        return Err((
+            "egress.allow_internet",
+            "only means something with a cidrs entry of \"0.0.0.0/0\" or \"::/0\"".into(),
+        ));
     }
     if !e.ports.is_empty() && e.cidrs.is_empty() {
         return Err((
@@ -698,7 +725,10 @@ fn validate_egress(e: &EgressConfig) -> Result<(), FieldError> {
             ));
         }
         no_control("egress.service_cidrs", cidr)?;
-        parse_cidr(cidr).map_err(|m| ("egress.service_cidrs", m))?;
+        not_everything(
+            "egress.service_cidrs",
+            parse_cidr(cidr).map_err(|m| ("egress.service_cidrs", m))?,
+        )?;
     }
     let uncovered = e
         .services
@@ -722,9 +752,25 @@ fn validate_egress(e: &EgressConfig) -> Result<(), FieldError> {
         }
         (Some(cidr), Some(_)) => {
             no_control("egress.private_endpoint_cidr", cidr)?;
-            parse_cidr(cidr).map_err(|m| ("egress.private_endpoint_cidr", m))?;
+            not_everything(
+                "egress.private_endpoint_cidr",
+                parse_cidr(cidr).map_err(|m| ("egress.private_endpoint_cidr", m))?,
+            )?;
         }
         (None, None) => {}
+    }
+    Ok(())
+}
+
+/// A private-endpoint subnet is never the whole address space: a /0 there
+/// would open the services' ports to the internet without `allow_internet`.
+fn not_everything(field: &'static str, (_, prefix): (IpAddr, u8)) -> Result<(), FieldError> {
+    if prefix == 0 {
+        return Err((
+            field,
+            "a private-endpoint subnet cannot be the whole address space: give the subnet's CIDR"
+                .into(),
+        ));
     }
     Ok(())
 }

@@ -302,3 +302,43 @@ fn per_service_cidrs_override_the_private_endpoint_subnet() {
     .unwrap();
     assert_eq!(c.apps[0].egress.service_rules().len(), 1);
 }
+
+/// Egress to the whole internet needs `allow_internet = true`, like a public
+/// load balancer needs `allow_public = true`; the opt-in alone is refused,
+/// and a private-endpoint subnet is never the whole address space.
+#[test]
+fn internet_egress_needs_the_explicit_opt_in() {
+    refused(
+        "[apps.egress]\ncidrs = [\"0.0.0.0/0\"]\n",
+        &[
+            "apps[0].egress.cidrs",
+            "\"0.0.0.0/0\" is the whole internet",
+            "allow_internet = true",
+        ],
+    );
+    refused(
+        "[apps.egress]\ncidrs = [\"10.1.0.0/16\", \"::/0\"]\nports = [443]\n",
+        &["apps[0].egress.cidrs", "\"::/0\"", "allow_internet = true"],
+    );
+    refused(
+        "[apps.egress]\nallow_internet = true\ncidrs = [\"10.1.0.0/16\"]\n",
+        &["apps[0].egress.allow_internet", "0.0.0.0/0"],
+    );
+    refused(
+        "[apps.egress]\nallow_internet = true\n",
+        &["apps[0].egress.allow_internet"],
+    );
+    for key in [
+        "private_endpoint_cidr = \"0.0.0.0/0\"\n",
+        "[apps.egress.service_cidrs]\nsql = \"0.0.0.0/0\"\n",
+    ] {
+        refused(
+            &format!("[apps.egress]\nservices = [\"sql\"]\n{key}"),
+            &["whole address space"],
+        );
+    }
+    let c = parse("[apps.egress]\nallow_internet = true\ncidrs = [\"0.0.0.0/0\"]\nports = [443]\n")
+        .unwrap();
+    assert!(c.apps[0].egress.allow_internet);
+    assert!(!parse("").unwrap().apps[0].egress.allow_internet);
+}

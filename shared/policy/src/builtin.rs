@@ -58,4 +58,5 @@ pub(crate) const BUILTINS: &[Builtin] = &[
     builtin!("public-lb"),
     builtin!("secret-env"),
     builtin!("pipeline-secret"),
+    builtin!("egress"),
 ];

@@ -22,6 +22,13 @@ fn good_deployment() -> Value {
     serde_saphyr::from_str(&text).unwrap()
 }
 
+/// The namespace's default-deny egress NetworkPolicy, as gantry renders it.
+fn default_deny_egress() -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "default-deny-egress", "namespace": "web"},
+           "spec": {"podSelector": {}, "policyTypes": ["Egress"]}})
+}
+
 fn good_namespace() -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace",
            "metadata": {"name": "web", "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
@@ -43,7 +50,7 @@ fn every_builtin_suite_has_allowed_and_disallowed_cases() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_dir())
         .collect();
-    assert_eq!(dirs.len(), 12);
+    assert_eq!(dirs.len(), 13);
     for dir in dirs {
         let suite = std::fs::read_to_string(dir.join("suite.yaml")).unwrap();
         assert!(
@@ -59,7 +66,7 @@ fn every_builtin_suite_has_allowed_and_disallowed_cases() {
 #[test]
 fn builtin_set_passes_a_hardened_app() {
     let set = PolicySet::builtin().unwrap();
-    assert_eq!(set.constraints(), 12);
+    assert_eq!(set.constraints(), 13);
     assert_eq!(
         set.templates(),
         vec![
@@ -75,12 +82,21 @@ fn builtin_set_passes_a_hardened_app() {
             "gantrypubliclb",
             "gantrysecretenv",
             "gantrypipelinesecret",
+            "gantryegress",
         ]
     );
     let service = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "web"}, "spec": {"ports": [{"port": 80}]}});
     let v = set
-        .evaluate(&[good_namespace(), good_deployment(), service], &[])
+        .evaluate(
+            &[
+                good_namespace(),
+                default_deny_egress(),
+                good_deployment(),
+                service,
+            ],
+            &[],
+        )
         .unwrap();
     assert!(v.is_empty(), "{v:#?}");
 }
@@ -108,7 +124,7 @@ fn builtin_set_flags_every_weakness_of_a_careless_app() {
         .evaluate(&[namespace, careless, public, secret], &[])
         .unwrap();
     let templates: BTreeSet<&str> = v.iter().map(|v| v.template.as_str()).collect();
-    assert_eq!(templates.len(), 12, "{templates:?}");
+    assert_eq!(templates.len(), 13, "{templates:?}");
     assert!(
         v.iter()
             .all(|v| v.enforcement_action == EnforcementAction::Deny)
@@ -142,9 +158,9 @@ fn evaluation_rate() {
             d
         })
         .collect();
-    let inventory = [good_namespace()];
+    let inventory = [good_namespace(), default_deny_egress()];
     for (label, inv) in [
-        ("no inventory", &[][..]),
+        ("default deny only", &inventory[1..]),
         ("with inventory", &inventory[..]),
     ] {
         let start = Instant::now();
@@ -152,7 +168,7 @@ fn evaluation_rate() {
         for _ in 0..rounds {
             assert!(set.evaluate(&objects, inv).unwrap().is_empty());
         }
-        let pairs = rounds * objects.len() * 8; // 8 workload constraints match each Deployment
+        let pairs = rounds * objects.len() * 9; // 9 workload constraints match each Deployment
         let secs = start.elapsed().as_secs_f64();
         println!(
             "{label}: {:.0} (object, constraint) evaluations/s, {:.2} ms per evaluate() of 50 objects",
@@ -162,7 +178,11 @@ fn evaluation_rate() {
     }
     let start = Instant::now();
     for _ in 0..100 {
-        assert!(set.evaluate(&objects[..1], &[]).unwrap().is_empty());
+        assert!(
+            set.evaluate(&objects[..1], &inventory[1..])
+                .unwrap()
+                .is_empty()
+        );
     }
     println!(
         "one object: {:.3} ms per evaluate()",

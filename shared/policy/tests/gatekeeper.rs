@@ -622,9 +622,9 @@ fn raw_engine_for_bench_evaluates_one_template() {
 #[test]
 fn builtins_and_a_folder_load_together_but_kinds_stay_unique() {
     let set = PolicySet::load(true, Some(&fixtures().join("shared-lib"))).unwrap();
-    assert_eq!(set.templates().len(), 14);
-    assert_eq!(set.constraints(), 14);
-    assert_eq!(&set.templates()[12..], &["k8sliba", "k8slibb"]);
+    assert_eq!(set.templates().len(), 15);
+    assert_eq!(set.constraints(), 15);
+    assert_eq!(&set.templates()[13..], &["k8sliba", "k8slibb"]);
 
     let clash = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/probes/template.yaml"),
