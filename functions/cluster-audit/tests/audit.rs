@@ -17,13 +17,11 @@ use axum::Router;
 use gantry_bus::{BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QueueOptions};
 use gantry_kube::{Cluster, KINDS};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
-use gantry_pipeline::{
-    AppName, ClaimSource, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source,
-    SourceKind, Step, StepStatus,
-};
+use gantry_pipeline::{ClaimSource, Config, Digest, Run, RunStatus, RunStore};
 use gantry_runtime::{Deps, Secret, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
@@ -31,9 +29,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const OTHER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const APP: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nreplicas = 2\n";
 
 /// The embedded queue, failing sends (an outage of Service Bus) once
@@ -207,47 +203,17 @@ impl Harness {
     /// Records a deployed run of `web` for DIGEST (scan and policy passed,
     /// `deployed.json` current) and returns its rendered objects.
     async fn deployed(&self) -> Result<(Run, Vec<Value>)> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            RunStatus::Deployed,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(DIGEST)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step {
-                details: json!({"passed": true, "blocking": [], "allowed": []}),
-                ..Step::finished(
-                    StepStatus::Passed,
-                    now,
-                    "passed: no findings at or above high (1 below)",
-                )
-            },
+        let mut run = fixtures::with_image(fixtures::run("web", RunStatus::Deployed)?, DIGEST)?;
+        fixtures::passed(
+            &mut run,
+            "scan",
+            "passed: no findings at or above high (1 below)",
+            json!({"passed": true, "blocking": [], "allowed": []}),
         );
         let app = self.config.app("web").context("app")?;
         let rendered = gantry_manifests::render_run(app, &run)?;
         for step in ["policy", "deploy", "verify"] {
-            run.steps.insert(
-                step.into(),
-                Step::finished(StepStatus::Passed, now, "passed"),
-            );
+            fixtures::passed(&mut run, step, "passed", Value::Null);
         }
         ensure!(self.runs.create(&run).await?);
         self.runs

@@ -19,22 +19,17 @@ use axum::extract::State;
 use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
 use gantry_kube::{Cluster, DAEMON_SET, KINDS};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepStatus,
-};
+use gantry_pipeline::{Config, Digest, RunStatus, RunStore};
 use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::Digest as _;
-use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const CONFIG: &str = r#"
 [[apps]]
 name = "web"
@@ -280,43 +275,17 @@ impl Harness {
 
     /// Records a deployed run of `web` and returns its rendered objects.
     async fn deployed(&self) -> Result<Vec<Value>> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            RunStatus::Deployed,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(DIGEST)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step {
-                details: json!({"passed": true, "blocking": [], "allowed": []}),
-                ..Step::finished(StepStatus::Passed, now, "passed: no findings")
-            },
+        let mut run = fixtures::with_image(fixtures::run("web", RunStatus::Deployed)?, DIGEST)?;
+        fixtures::passed(
+            &mut run,
+            "scan",
+            "passed: no findings",
+            json!({"passed": true, "blocking": [], "allowed": []}),
         );
         let app = self.config.app("web").context("app")?;
         let rendered = gantry_manifests::render_run(app, &run)?;
         for step in ["policy", "deploy", "verify"] {
-            run.steps.insert(
-                step.into(),
-                Step::finished(StepStatus::Passed, now, "passed"),
-            );
+            fixtures::passed(&mut run, step, "passed", Value::Null);
         }
         ensure!(self.runs.create(&run).await?);
         self.runs
