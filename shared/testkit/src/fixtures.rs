@@ -132,3 +132,85 @@ pub fn passed(run: &mut Run, step: &str, summary: &str, details: serde_json::Val
         },
     );
 }
+
+/// Records the two gates of `run` as passed, the way policy-enforce leaves
+/// a run it lets through: `scan` with `scan_summary`, and `policy` with no
+/// violations and the `manifest_hash` of the manifests it checked (which
+/// deploy compares with what it renders).
+pub fn gates_passed(run: &mut Run, scan_summary: &str, manifest_hash: &str) {
+    passed(run, "scan", scan_summary, serde_json::Value::Null);
+    let details = serde_json::json!({"manifest_hash": manifest_hash, "violations": []});
+    passed(run, "policy", "no violations", details);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_github_run_gets_the_example_commit_and_a_tagged_image() -> anyhow::Result<()> {
+        let run = with_image(run("api", RunStatus::Deploying)?, DIGEST)?;
+        assert_eq!(run.app.as_str(), "api");
+        assert_eq!(run.status, RunStatus::Deploying);
+        assert_eq!(run.source.kind, SourceKind::Github);
+        assert_eq!(run.source.repo.as_deref(), Some("contoso/api"));
+        assert_eq!(run.source.commit.as_ref().map(|c| c.as_str()), Some(SHA));
+        assert_eq!(run.source.git_ref.as_deref(), Some(GIT_REF));
+        let image = run
+            .image
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no image"))?;
+        assert_eq!(
+            image.reference(),
+            format!("contoso.azurecr.io/api@{DIGEST}")
+        );
+        assert_eq!(image.tag.as_deref(), Some(SHA));
+        assert!(run.steps.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_registry_run_has_no_commit_and_an_untagged_image() -> anyhow::Result<()> {
+        let at = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+        let run = with_image(
+            run_at("web", RunStatus::Scanning, registry_source(), at)?,
+            DIGEST,
+        )?;
+        assert_eq!(run.source.kind, SourceKind::Registry);
+        assert_eq!(run.source.commit, None);
+        assert_eq!(run.created_at, at);
+        assert_eq!(run.image.and_then(|i| i.tag), None);
+        Ok(())
+    }
+
+    #[test]
+    fn each_run_gets_a_new_id_in_creation_order() -> anyhow::Result<()> {
+        let first = run("web", RunStatus::Scanning)?;
+        let second = run("web", RunStatus::Scanning)?;
+        assert!(first.id.as_str() < second.id.as_str());
+        Ok(())
+    }
+
+    #[test]
+    fn passed_gates_finish_when_the_run_was_created() -> anyhow::Result<()> {
+        let mut run = run("web", RunStatus::Deploying)?;
+        gates_passed(&mut run, "0 findings", "abc");
+        let scan = &run.steps["scan"];
+        assert_eq!(scan.status, StepStatus::Passed);
+        assert_eq!(scan.finished_at, Some(run.created_at));
+        assert_eq!(scan.summary.as_deref(), Some("0 findings"));
+        assert!(scan.details.is_null());
+        let policy = &run.steps["policy"];
+        assert_eq!(policy.attempts, 1);
+        assert_eq!(policy.details["manifest_hash"], "abc");
+        assert_eq!(policy.details["violations"], serde_json::json!([]));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_names_are_errors_not_panics() {
+        assert!(run("Not An App", RunStatus::Scanning).is_err());
+        assert!(github_source("web", "not-a-sha").is_err());
+        assert!(image("web", "sha256:short", None).is_err());
+    }
+}
