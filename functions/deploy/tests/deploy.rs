@@ -143,10 +143,8 @@ impl Harness {
     /// policy with the hash of the manifests rendered now), deploy pending.
     fn deploying_run(&self, digest: &str) -> Result<Run> {
         let mut run = fixtures::with_image(fixtures::run("web", RunStatus::Deploying)?, digest)?;
-        fixtures::passed(&mut run, "scan", SCAN_SUMMARY, Value::Null);
         let hash = self.render(&run)?.hash;
-        let details = json!({"manifest_hash": hash, "violations": []});
-        fixtures::passed(&mut run, "policy", "no violations", details);
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         run.steps.insert("deploy".into(), Step::pending(1));
         Ok(run)
     }

@@ -231,10 +231,8 @@ impl Harness {
         let created = OffsetDateTime::now_utc() - age;
         let run = fixtures::run_at("web", RunStatus::Deploying, source, created)?;
         let mut run = fixtures::with_image(run, digest)?;
-        fixtures::passed(&mut run, "scan", SCAN_SUMMARY, Value::Null);
         let hash = self.render(&run)?.hash;
-        let details = json!({"manifest_hash": hash, "violations": []});
-        fixtures::passed(&mut run, "policy", "no violations", details);
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         run.steps.insert("deploy".into(), Step::pending(1));
         ensure!(self.runs.create(&run).await?, "run {} existed", run.id);
         Ok(run)
