@@ -252,10 +252,8 @@ impl Harness {
     /// (the policy with the hash of the manifests rendered now).
     async fn gated_run(&self, app: &str, digest: &str, status: RunStatus) -> Result<Run> {
         let mut run = self.run_for(app, digest, status).await?;
-        fixtures::passed(&mut run, "scan", SCAN_SUMMARY, Value::Null);
         let hash = self.render(&run)?.hash;
-        let details = json!({"manifest_hash": hash, "violations": []});
-        fixtures::passed(&mut run, "policy", "no violations", details);
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         let steps = run.steps.clone();
         self.runs
             .update(&run.app, &run.id, |r| {
@@ -830,10 +828,8 @@ async fn blocked_digest_is_refused_by_the_deploy_gate() -> Result<()> {
     let h = Harness::new(Setup::default()).await?;
     // A web run that passed its gates and waits for deploy, as policy-enforce leaves it.
     let mut run = h.run_for("web", WEB, RunStatus::Deploying).await?;
-    fixtures::passed(&mut run, "scan", SCAN_SUMMARY, Value::Null);
     let hash = h.render(&run)?.hash;
-    let details = json!({"manifest_hash": hash, "violations": []});
-    fixtures::passed(&mut run, "policy", "no violations", details);
+    fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
     run.steps.insert("deploy".into(), Step::pending(1));
     h.runs
         .update(&run.app, &run.id, |r| {
