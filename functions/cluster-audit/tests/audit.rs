@@ -8,20 +8,21 @@
 // Helpers outside `#[test]` functions unwrap too: a panic is a test failure.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
-use gantry_bus::{BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QueueOptions};
+use gantry_bus::{BusError, EmbeddedBus, MessageBus, OutMessage, QueueOptions};
 use gantry_kube::{Cluster, KINDS};
-use gantry_pipeline::messages::{Deployed, DeployedVersion};
-use gantry_pipeline::{ClaimSource, Config, Digest, Run, RunStatus, RunStore};
+use gantry_pipeline::{ClaimSource, Config, Run, RunStore};
 use gantry_runtime::{Deps, Secret, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
-use gantry_testkit::fixtures::{self, DIGEST};
+use gantry_testkit::fixtures::DIGEST;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
@@ -203,33 +204,12 @@ impl Harness {
     /// Records a deployed run of `web` for DIGEST (scan and policy passed,
     /// `deployed.json` current) and returns its rendered objects.
     async fn deployed(&self) -> Result<(Run, Vec<Value>)> {
-        let mut run = fixtures::with_image(fixtures::run("web", RunStatus::Deployed)?, DIGEST)?;
-        fixtures::passed(
-            &mut run,
-            "scan",
+        support::deployed_web(
+            &self.runs,
+            &self.config,
             "passed: no findings at or above high (1 below)",
-            json!({"passed": true, "blocking": [], "allowed": []}),
-        );
-        let app = self.config.app("web").context("app")?;
-        let rendered = gantry_manifests::render_run(app, &run)?;
-        for step in ["policy", "deploy", "verify"] {
-            fixtures::passed(&mut run, step, "passed", Value::Null);
-        }
-        ensure!(self.runs.create(&run).await?);
-        self.runs
-            .put_json(
-                "apps/web/deployed.json",
-                &Deployed {
-                    current: Some(DeployedVersion {
-                        digest: Digest::parse(DIGEST)?,
-                        run_id: run.id.clone(),
-                        manifest_hash: rendered.hash.clone(),
-                    }),
-                    previous: None,
-                },
-            )
-            .await?;
-        Ok((run, rendered.objects))
+        )
+        .await
     }
 
     /// Serves `objects` as the live cluster state.
@@ -270,11 +250,7 @@ impl Harness {
 
     /// Alerts on the queue: (MessageId, body).
     async fn alerts(&self) -> Result<Vec<(String, Value)>> {
-        let messages: Vec<MessageView> = self.bus.peek("alerts").await;
-        messages
-            .into_iter()
-            .map(|m| Ok((m.message_id, serde_json::from_str(&m.body)?)))
-            .collect()
+        support::alerts(&self.bus).await
     }
 
     async fn blob(&self, name: &str) -> Result<Option<Value>> {

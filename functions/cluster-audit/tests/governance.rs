@@ -10,20 +10,20 @@
 // Helpers outside `#[test]` functions unwrap too: a panic is a test failure.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::extract::State;
-use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
+use gantry_bus::{EmbeddedBus, QueueOptions};
 use gantry_kube::{Cluster, DAEMON_SET, KINDS};
-use gantry_pipeline::messages::{Deployed, DeployedVersion};
-use gantry_pipeline::{Config, Digest, RunStatus, RunStore};
+use gantry_pipeline::{Config, RunStore};
 use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
-use gantry_testkit::fixtures::{self, DIGEST};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -275,33 +275,9 @@ impl Harness {
 
     /// Records a deployed run of `web` and returns its rendered objects.
     async fn deployed(&self) -> Result<Vec<Value>> {
-        let mut run = fixtures::with_image(fixtures::run("web", RunStatus::Deployed)?, DIGEST)?;
-        fixtures::passed(
-            &mut run,
-            "scan",
-            "passed: no findings",
-            json!({"passed": true, "blocking": [], "allowed": []}),
-        );
-        let app = self.config.app("web").context("app")?;
-        let rendered = gantry_manifests::render_run(app, &run)?;
-        for step in ["policy", "deploy", "verify"] {
-            fixtures::passed(&mut run, step, "passed", Value::Null);
-        }
-        ensure!(self.runs.create(&run).await?);
-        self.runs
-            .put_json(
-                "apps/web/deployed.json",
-                &Deployed {
-                    current: Some(DeployedVersion {
-                        digest: Digest::parse(DIGEST)?,
-                        run_id: run.id.clone(),
-                        manifest_hash: rendered.hash.clone(),
-                    }),
-                    previous: None,
-                },
-            )
-            .await?;
-        Ok(rendered.objects)
+        let (_, objects) =
+            support::deployed_web(&self.runs, &self.config, "passed: no findings").await?;
+        Ok(objects)
     }
 
     /// Serves `objects` (as the API server holds them) and nothing else.
@@ -356,11 +332,7 @@ impl Harness {
 
     /// Every alert on the queue: (MessageId, body).
     async fn alerts(&self) -> Result<Vec<(String, Value)>> {
-        let messages: Vec<MessageView> = self.bus.peek("alerts").await;
-        messages
-            .into_iter()
-            .map(|m| Ok((m.message_id, serde_json::from_str(&m.body)?)))
-            .collect()
+        support::alerts(&self.bus).await
     }
 
     /// The governance alerts (MessageId `audit:_cluster:...`).
