@@ -24,11 +24,9 @@ use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
 use gantry_testkit::fixtures::DIGEST;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tower::ServiceExt;
 
 const OTHER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 const APP: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nreplicas = 2\n";
@@ -229,23 +227,11 @@ impl Harness {
 
     /// Fires the timer through the envelope; status and log line.
     async fn fire(&self) -> Result<(StatusCode, String)> {
-        let envelope =
-            gantry_runtime::host_request_for_timer("0 */15 * * * *", false, "2026-11-27T09:00:00Z");
-        let request = Request::post("/cluster-audit")
-            .header("content-type", "application/json")
-            .body(axum::body::Body::from(serde_json::to_vec(&envelope)?))?;
-        let response = self.router.clone().oneshot(request).await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let reply: Value = serde_json::from_slice(&bytes)?;
-        let line = reply["Logs"][0].as_str().context("log line")?.to_string();
-        Ok((status, line))
+        support::fire(&self.router).await
     }
 
     async fn fire_ok(&self) -> Result<String> {
-        let (status, line) = self.fire().await?;
-        ensure!(status == StatusCode::OK, "{status}: {line}");
-        Ok(line)
+        support::fire_ok(&self.router).await
     }
 
     /// Alerts on the queue: (MessageId, body).

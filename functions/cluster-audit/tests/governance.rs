@@ -15,7 +15,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::State;
 use gantry_bus::{EmbeddedBus, QueueOptions};
@@ -25,10 +25,8 @@ use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
 use http::StatusCode;
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::Digest as _;
-use tower::ServiceExt;
 
 const CONFIG: &str = r#"
 [[apps]]
@@ -311,23 +309,11 @@ impl Harness {
     }
 
     async fn fire(&self) -> Result<(StatusCode, String)> {
-        let envelope =
-            gantry_runtime::host_request_for_timer("0 */15 * * * *", false, "2026-11-27T09:00:00Z");
-        let request = http::Request::post("/cluster-audit")
-            .header("content-type", "application/json")
-            .body(axum::body::Body::from(serde_json::to_vec(&envelope)?))?;
-        let response = self.router.clone().oneshot(request).await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let reply: Value = serde_json::from_slice(&bytes)?;
-        let line = reply["Logs"][0].as_str().context("log line")?.to_string();
-        Ok((status, line))
+        support::fire(&self.router).await
     }
 
     async fn fire_ok(&self) -> Result<String> {
-        let (status, line) = self.fire().await?;
-        ensure!(status == StatusCode::OK, "{status}: {line}");
-        Ok(line)
+        support::fire_ok(&self.router).await
     }
 
     /// Every alert on the queue: (MessageId, body).
