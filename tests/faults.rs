@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use axum::body::Body;
+use gantry_testkit::fixtures::DIGEST;
 use serde_json::Value;
 use support::{DevHost, example, repo_root};
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const ACR_EVENT_ID: &str = "831e1650-001e-001b-66ab-eeb76e069631";
 const PUSH_DELIVERY: &str = "11111111-2222-4333-8444-555555555555";
 const HOOK_PATH: &str = "/hooks/faults";
@@ -717,27 +717,14 @@ async fn eight_images_at_once_deploy_serialized_and_the_newest_wins() -> Result<
 /// Eight tasks each append a distinct marker to one step of one run through
 /// `RunStore::update` at once; every marker must survive.
 async fn eight_writers(store: Arc<dyn gantry_store::StateStore>) -> Result<()> {
-    use gantry_pipeline::{AppName, Run, RunStatus, RunStore, Source, SourceKind, Step};
+    use gantry_pipeline::{RunStatus, RunStore, Step};
+    use gantry_testkit::fixtures;
     let runs = RunStore::new(store);
+    let source = fixtures::registry_source();
     let now = time::OffsetDateTime::now_utc();
-    let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-    let app = AppName::parse("web")?;
-    let mut run = Run::new(
-        id.clone(),
-        app.clone(),
-        RunStatus::Scanning,
-        Source {
-            kind: SourceKind::Registry,
-            repo: None,
-            commit: None,
-            git_ref: None,
-            pusher: None,
-            delivery: None,
-            message: None,
-        },
-        now,
-    );
+    let mut run = fixtures::run_at("web", RunStatus::Scanning, source, now)?;
     run.steps.insert("scan".into(), Step::pending(1));
+    let (app, id) = (run.app.clone(), run.id.clone());
     ensure!(runs.create(&run).await?);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..8 {

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use gantry_pipeline::{AppName, PipelineError, Run, RunStatus, RunStore, Source, SourceKind, Step};
+use gantry_pipeline::{PipelineError, RunStatus, RunStore, Step};
 use gantry_store::StateStore;
+use gantry_testkit::fixtures;
 
 use crate::common::{Headline, Section, Stats, env_or, ms, start_azurite, stop_azurite};
 
@@ -116,26 +117,11 @@ pub async fn run() -> Result<Section> {
 /// increments `details.count` of its scan step.
 async fn pass(store: Arc<dyn StateStore>, writers: usize, each: usize) -> Result<Pass> {
     let runs = RunStore::new(store);
+    let source = fixtures::registry_source();
     let now = time::OffsetDateTime::now_utc();
-    let ms_now = u64::try_from(now.unix_timestamp_nanos() / 1_000_000)?;
-    let id = gantry_pipeline::ids::new_run_id(ms_now);
-    let app = AppName::parse("web")?;
-    let mut run = Run::new(
-        id.clone(),
-        app.clone(),
-        RunStatus::Scanning,
-        Source {
-            kind: SourceKind::Registry,
-            repo: None,
-            commit: None,
-            git_ref: None,
-            pusher: None,
-            delivery: None,
-            message: None,
-        },
-        now,
-    );
+    let mut run = fixtures::run_at("web", RunStatus::Scanning, source, now)?;
     run.steps.insert("scan".into(), Step::pending(1));
+    let (app, id) = (run.app.clone(), run.id.clone());
     ensure!(runs.create(&run).await?, "run {id} existed");
 
     let attempts = Arc::new(AtomicU64::new(0));

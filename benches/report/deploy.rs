@@ -29,12 +29,10 @@ use axum::response::{IntoResponse, Response};
 use gantry_bus::embedded::{EmbeddedBus, QueueOptions, Received};
 use gantry_bus::{MessageBus, OutMessage};
 use gantry_kube::Cluster;
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepRequest, StepStatus,
-};
+use gantry_pipeline::{AppName, Config, Run, RunStatus, RunStore, Step, StepRequest};
 use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -42,8 +40,6 @@ use tower::ServiceExt as _;
 
 use crate::common::{Headline, Section, Stats, env_or, ms};
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high, 3 medium (threshold high)";
 const WARMUP: usize = 20;
 
@@ -268,41 +264,9 @@ impl Bench {
     /// A new (newest) run of `app` waiting for its deploy step, as
     /// policy-enforce leaves it: scan and policy passed, manifest hash recorded.
     async fn recorded(&self, app: &str) -> Result<Run> {
-        let now = OffsetDateTime::now_utc();
-        let ms = u64::try_from(now.unix_timestamp_nanos() / 1_000_000)?;
-        let mut run = Run::new(
-            gantry_pipeline::ids::new_run_id(ms),
-            AppName::parse(app)?,
-            RunStatus::Deploying,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some(format!("contoso/{app}")),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: app.into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(DIGEST)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
-        );
+        let mut run = fixtures::with_image(fixtures::run(app, RunStatus::Deploying)?, DIGEST)?;
         let hash = self.render(&run)?.hash;
-        run.steps.insert(
-            "policy".into(),
-            Step {
-                details: json!({"manifest_hash": hash, "violations": []}),
-                ..Step::finished(StepStatus::Passed, now, "no violations")
-            },
-        );
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         run.steps.insert("deploy".into(), Step::pending(1));
         ensure!(self.runs.create(&run).await?, "run {} existed", run.id);
         Ok(run)

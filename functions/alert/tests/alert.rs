@@ -13,21 +13,18 @@ use axum::body::Body;
 use fn_alert::{DedupRecord, fingerprint, record_blob};
 use gantry_bus::{EmbeddedBus, MessageBus, QueueOptions};
 use gantry_pipeline::{
-    Alert, AppName, CommitSha, Config, Digest, NotificationOutcome, Run, RunId, RunStatus,
-    RunStore, Severity, Source, SourceKind,
+    Alert, AppName, Config, Digest, NotificationOutcome, Run, RunId, RunStatus, RunStore, Severity,
 };
 use gantry_runtime::{Deps, Secret, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST, SHA};
 use hmac::{KeyInit, Mac};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const TEAMS_PATH: &str = "/teams/workflows/sig-TEAMSSECRETPATH";
 const SLACK_PATH: &str = "/slack/services/T000/B000/SLACKSECRETPATH";
 const HOOK_PATH: &str = "/hook/HOOKSECRETPATH";
@@ -286,23 +283,7 @@ impl Harness {
 
     /// A run of `app` from a GitHub push, stored, in `status`.
     async fn run(&self, app: &str, status: RunStatus) -> Result<Run> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let run = Run::new(
-            id,
-            AppName::parse(app)?,
-            status,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some(format!("contoso/{app}")),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
+        let run = fixtures::run(app, status)?;
         ensure!(self.runs.create(&run).await?);
         Ok(run)
     }

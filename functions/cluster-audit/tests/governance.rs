@@ -10,31 +10,24 @@
 // Helpers outside `#[test]` functions unwrap too: a panic is a test failure.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::State;
-use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
+use gantry_bus::{EmbeddedBus, QueueOptions};
 use gantry_kube::{Cluster, DAEMON_SET, KINDS};
-use gantry_pipeline::messages::{Deployed, DeployedVersion};
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepStatus,
-};
+use gantry_pipeline::{Config, RunStore};
 use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
 use http::StatusCode;
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::Digest as _;
-use time::OffsetDateTime;
-use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const CONFIG: &str = r#"
 [[apps]]
 name = "web"
@@ -280,59 +273,9 @@ impl Harness {
 
     /// Records a deployed run of `web` and returns its rendered objects.
     async fn deployed(&self) -> Result<Vec<Value>> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            RunStatus::Deployed,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(DIGEST)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step {
-                details: json!({"passed": true, "blocking": [], "allowed": []}),
-                ..Step::finished(StepStatus::Passed, now, "passed: no findings")
-            },
-        );
-        let app = self.config.app("web").context("app")?;
-        let rendered = gantry_manifests::render_run(app, &run)?;
-        for step in ["policy", "deploy", "verify"] {
-            run.steps.insert(
-                step.into(),
-                Step::finished(StepStatus::Passed, now, "passed"),
-            );
-        }
-        ensure!(self.runs.create(&run).await?);
-        self.runs
-            .put_json(
-                "apps/web/deployed.json",
-                &Deployed {
-                    current: Some(DeployedVersion {
-                        digest: Digest::parse(DIGEST)?,
-                        run_id: run.id.clone(),
-                        manifest_hash: rendered.hash.clone(),
-                    }),
-                    previous: None,
-                },
-            )
-            .await?;
-        Ok(rendered.objects)
+        let (_, objects) =
+            support::deployed_web(&self.runs, &self.config, "passed: no findings").await?;
+        Ok(objects)
     }
 
     /// Serves `objects` (as the API server holds them) and nothing else.
@@ -366,32 +309,16 @@ impl Harness {
     }
 
     async fn fire(&self) -> Result<(StatusCode, String)> {
-        let envelope =
-            gantry_runtime::host_request_for_timer("0 */15 * * * *", false, "2026-11-27T09:00:00Z");
-        let request = http::Request::post("/cluster-audit")
-            .header("content-type", "application/json")
-            .body(axum::body::Body::from(serde_json::to_vec(&envelope)?))?;
-        let response = self.router.clone().oneshot(request).await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let reply: Value = serde_json::from_slice(&bytes)?;
-        let line = reply["Logs"][0].as_str().context("log line")?.to_string();
-        Ok((status, line))
+        support::fire(&self.router).await
     }
 
     async fn fire_ok(&self) -> Result<String> {
-        let (status, line) = self.fire().await?;
-        ensure!(status == StatusCode::OK, "{status}: {line}");
-        Ok(line)
+        support::fire_ok(&self.router).await
     }
 
     /// Every alert on the queue: (MessageId, body).
     async fn alerts(&self) -> Result<Vec<(String, Value)>> {
-        let messages: Vec<MessageView> = self.bus.peek("alerts").await;
-        messages
-            .into_iter()
-            .map(|m| Ok((m.message_id, serde_json::from_str(&m.body)?)))
-            .collect()
+        support::alerts(&self.bus).await
     }
 
     /// The governance alerts (MessageId `audit:_cluster:...`).

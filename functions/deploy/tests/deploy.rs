@@ -15,22 +15,18 @@ use axum::body::Body;
 use gantry_bus::{
     BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QUEUES, QueueOptions,
 };
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepRequest, StepStatus,
-};
+use gantry_pipeline::{Config, Digest, Run, RunStatus, RunStore, Step, StepRequest, StepStatus};
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const DIGEST2: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high, 3 medium (threshold high)";
 const DEPLOYED: &str = "apps/web/deployed.json";
 
@@ -146,41 +142,9 @@ impl Harness {
     /// policy-enforce leaves it: `deploying`, scan and policy passed (the
     /// policy with the hash of the manifests rendered now), deploy pending.
     fn deploying_run(&self, digest: &str) -> Result<Run> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            RunStatus::Deploying,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(digest)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
-        );
+        let mut run = fixtures::with_image(fixtures::run("web", RunStatus::Deploying)?, digest)?;
         let hash = self.render(&run)?.hash;
-        run.steps.insert(
-            "policy".into(),
-            Step {
-                details: json!({"manifest_hash": hash, "violations": []}),
-                ..Step::finished(StepStatus::Passed, now, "no violations")
-            },
-        );
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         run.steps.insert("deploy".into(), Step::pending(1));
         Ok(run)
     }

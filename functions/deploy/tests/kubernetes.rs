@@ -21,13 +21,11 @@ use axum::Router;
 use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
 use gantry_kube::Cluster;
 use gantry_pipeline::runs::blobs;
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepRequest, StepStatus,
-};
+use gantry_pipeline::{Config, Digest, Run, RunStatus, RunStore, Step, StepRequest, StepStatus};
 use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST, SHA};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
@@ -35,9 +33,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const DIGEST2: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high, 3 medium (threshold high)";
 const DEPLOYED: &str = "apps/web/deployed.json";
 const INTERVAL: i64 = 30;
@@ -231,41 +227,12 @@ impl Harness {
     /// A run of `web` for `digest`, created `age` ago, waiting for the
     /// deploy step as policy-enforce leaves it; stored.
     async fn recorded(&self, digest: &str, age: Duration) -> Result<Run> {
-        let now = OffsetDateTime::now_utc() - age;
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            RunStatus::Deploying,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(digest)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
-        );
+        let source = fixtures::github_source("web", SHA)?;
+        let created = OffsetDateTime::now_utc() - age;
+        let run = fixtures::run_at("web", RunStatus::Deploying, source, created)?;
+        let mut run = fixtures::with_image(run, digest)?;
         let hash = self.render(&run)?.hash;
-        run.steps.insert(
-            "policy".into(),
-            Step {
-                details: json!({"manifest_hash": hash, "violations": []}),
-                ..Step::finished(StepStatus::Passed, now, "no violations")
-            },
-        );
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         run.steps.insert("deploy".into(), Step::pending(1));
         ensure!(self.runs.create(&run).await?, "run {} existed", run.id);
         Ok(run)

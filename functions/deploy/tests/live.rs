@@ -14,12 +14,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use gantry_bus::{EmbeddedBus, QueueOptions};
-use gantry_pipeline::{
-    AppName, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepRequest, StepStatus,
-};
+use gantry_pipeline::{Config, Digest, Image, RunStatus, RunStore, Step, StepRequest, StepStatus};
 use gantry_runtime::{Deps, Secrets, Services};
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -51,40 +49,22 @@ async fn live_deploy_function_deploys_and_verifies() -> Result<()> {
     let router = gantry_runtime::app(Arc::new(deps), &[fn_deploy::function()]);
 
     // A run as policy-enforce leaves it.
+    let source = fixtures::registry_source();
     let now = OffsetDateTime::now_utc();
-    let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-    let mut run = Run::new(
-        id,
-        AppName::parse("gantry-live-deploy")?,
-        RunStatus::Deploying,
-        Source {
-            kind: SourceKind::Registry,
-            repo: None,
-            commit: None,
-            git_ref: None,
-            pusher: None,
-            delivery: None,
-            message: None,
-        },
-        now,
-    );
+    let mut run = fixtures::run_at("gantry-live-deploy", RunStatus::Deploying, source, now)?;
     run.image = Some(Image {
         registry: registry.into(),
         repository: repository.into(),
         tag: None,
         digest: Digest::parse(&digest)?,
     });
-    run.steps.insert(
-        "scan".into(),
-        Step::finished(StepStatus::Passed, now, "live test"),
-    );
+    fixtures::passed(&mut run, "scan", "live test", Value::Null);
     let hash = gantry_manifests::render_run(app, &run)?.hash;
-    run.steps.insert(
-        "policy".into(),
-        Step {
-            details: json!({"manifest_hash": hash}),
-            ..Step::finished(StepStatus::Passed, now, "live test")
-        },
+    fixtures::passed(
+        &mut run,
+        "policy",
+        "live test",
+        json!({"manifest_hash": hash}),
     );
     run.steps.insert("deploy".into(), Step::pending(1));
     ensure!(runs.create(&run).await?, "run existed");

@@ -15,22 +15,20 @@ use gantry_bus::{
     BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QUEUES, QueueOptions,
 };
 use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepRequest, StepStatus,
+    Config, Digest, Run, RunStatus, RunStore, Source, Step, StepRequest, StepStatus,
 };
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST, SHA};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const OTHER_DIGEST: &str =
     "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high, 3 medium (threshold high)";
 
 const EXAMPLE_POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/policies");
@@ -257,37 +255,22 @@ impl Harness {
 /// scan-check leaves it: status `checking-policy`, `scan` passed, `policy`
 /// pending attempt 1.
 fn waiting_run(commit: Option<&str>) -> Result<Run> {
-    let now = OffsetDateTime::now_utc();
-    let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-    let mut run = Run::new(
-        id,
-        AppName::parse("web")?,
-        RunStatus::CheckingPolicy,
-        Source {
-            kind: if commit.is_some() {
-                SourceKind::Github
-            } else {
-                SourceKind::Registry
-            },
+    let source = match commit {
+        Some(sha) => fixtures::github_source("web", sha)?,
+        // An image pushed without a GitHub push still names its repository.
+        None => Source {
             repo: Some("contoso/web".into()),
-            commit: commit.map(CommitSha::parse).transpose()?,
-            git_ref: commit.map(|_| "refs/heads/main".into()),
-            pusher: None,
-            delivery: None,
-            message: None,
+            ..fixtures::registry_source()
         },
-        now,
-    );
-    run.image = Some(Image {
-        registry: "contoso.azurecr.io".into(),
-        repository: "web".into(),
-        tag: commit.map(str::to_string),
-        digest: Digest::parse(DIGEST)?,
-    });
-    run.steps.insert(
-        "scan".into(),
-        Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
-    );
+    };
+    let run = fixtures::run_at(
+        "web",
+        RunStatus::CheckingPolicy,
+        source,
+        OffsetDateTime::now_utc(),
+    )?;
+    let mut run = fixtures::with_image(run, DIGEST)?;
+    fixtures::passed(&mut run, "scan", SCAN_SUMMARY, Value::Null);
     run.steps.insert("policy".into(), Step::pending(1));
     Ok(run)
 }

@@ -8,22 +8,17 @@ use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::body::Body;
 use gantry_bus::{EmbeddedBus, MessageView, QUEUES, QueueOptions};
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepStatus,
-};
+use gantry_pipeline::{Config, Run, RunStatus, RunStore, Step, StepStatus};
 use gantry_runtime::auth::parse_api_tokens;
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const CONFIG: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nrequire_approval = true\napproval_expiry = \"1h\"\n";
 /// Tokens `ops-secret` (operate) and `read-secret` (read).
 const OPERATE: &str = "ops-secret";
@@ -75,35 +70,13 @@ impl Harness {
 
     /// Stores a run awaiting approval whose approval step started `age` ago.
     async fn awaiting(&self, age: time::Duration) -> Result<Run> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            RunStatus::AwaitingApproval,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: None,
-            digest: Digest::parse(DIGEST)?,
-        });
+        let run = fixtures::run("web", RunStatus::AwaitingApproval)?;
+        let mut run = fixtures::with_image(run, DIGEST)?;
         for gate in ["scan", "policy"] {
-            run.steps
-                .insert(gate.into(), Step::finished(StepStatus::Passed, now, "ok"));
+            fixtures::passed(&mut run, gate, "ok", Value::Null);
         }
         let mut approval = Step::pending(1);
-        approval.started_at = Some(now - age);
+        approval.started_at = Some(run.created_at - age);
         run.steps.insert("approval".into(), approval);
         ensure!(self.runs.create(&run).await?, "run existed");
         Ok(run)

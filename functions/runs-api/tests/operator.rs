@@ -14,21 +14,18 @@ use gantry_bus::{
     BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QUEUES, QueueOptions,
 };
 use gantry_pipeline::runs::blobs;
-use gantry_pipeline::{
-    AppName, Config, Digest, Image, Run, RunId, RunStatus, RunStore, Source, SourceKind, Step,
-    StepStatus,
-};
+use gantry_pipeline::{AppName, Config, Digest, Run, RunId, RunStatus, RunStore, Step, StepStatus};
 use gantry_runtime::auth::{AppServiceAuth, parse_api_tokens};
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures::{self, DIGEST};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-const DIGEST: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const CONFIG: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n\n[[apps]]\nname = \"api\"\nrepo = \"contoso/api\"\nimage = \"contoso.azurecr.io/api\"\n";
 const OPERATE: &str = "ops-secret";
 const READ: &str = "read-secret";
@@ -121,27 +118,14 @@ impl Harness {
     async fn run(&self, app: &str, status: RunStatus, steps: &[(&str, StepStatus)]) -> Result<Run> {
         let ms = self.clock.fetch_add(1000, Ordering::SeqCst);
         let now = OffsetDateTime::now_utc();
-        let mut run = Run::new(
+        let run = Run::new(
             gantry_pipeline::ids::new_run_id(ms),
             AppName::parse(app)?,
             status,
-            Source {
-                kind: SourceKind::Registry,
-                repo: None,
-                commit: None,
-                git_ref: None,
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
+            fixtures::registry_source(),
             now,
         );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: app.into(),
-            tag: None,
-            digest: Digest::parse(DIGEST)?,
-        });
+        let mut run = fixtures::with_image(run, DIGEST)?;
         for (name, s) in steps {
             run.steps.insert(
                 (*name).into(),

@@ -11,22 +11,20 @@ use gantry_bus::{EmbeddedBus, QUEUES, QueueOptions};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
 use gantry_pipeline::runs::blobs;
 use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepStatus,
+    AppName, Config, Digest, Run, RunStatus, RunStore, SourceKind, Step, StepStatus,
 };
 use gantry_runtime::auth::parse_api_tokens;
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 use tower::ServiceExt;
 
 const GOOD: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const BAD: &str = "sha256:c0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffee0123";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const CONFIG: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nrequire_approval = true\n";
 const OPERATE: &str = "ops-secret";
 const READ: &str = "read-secret";
@@ -81,38 +79,11 @@ impl Harness {
     /// Stores a run of `digest` that ended `status`, its gates as given; the
     /// policy step records the hash of the manifests it checked.
     async fn delivered(&self, digest: &str, status: RunStatus, policy: StepStatus) -> Result<Run> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(
-            now.unix_timestamp_nanos() / 1_000_000,
-        )?);
-        let mut run = Run::new(
-            id,
-            AppName::parse("web")?,
-            status,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: None,
-            digest: Digest::parse(digest)?,
-        });
-        run.steps.insert(
-            "scan".into(),
-            Step::finished(StepStatus::Passed, now, "0 findings"),
-        );
+        let mut run = fixtures::with_image(fixtures::run("web", status)?, digest)?;
+        fixtures::passed(&mut run, "scan", "0 findings", Value::Null);
         let app = self.config.app("web").context("app")?;
         let hash = gantry_manifests::render_run(app, &run)?.hash;
-        let mut policy_step = Step::finished(policy, now, "policy");
+        let mut policy_step = Step::finished(policy, run.created_at, "policy");
         policy_step.details = json!({"manifest_hash": hash});
         run.steps.insert("policy".into(), policy_step);
         ensure!(self.runs.create(&run).await?, "run existed");

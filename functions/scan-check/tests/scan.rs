@@ -17,14 +17,12 @@ use gantry_bus::{
     BusError, Clock, EmbeddedBus, MessageBus, MessageState, MessageView, OutMessage, QUEUES,
     QueueOptions, QueueStats,
 };
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunId, RunStatus, RunStore, Source, SourceKind,
-    Step, StepStatus,
-};
+use gantry_pipeline::{AppName, Config, Run, RunId, RunStatus, RunStore, Source, Step, StepStatus};
 use gantry_runtime::{Deps, Secrets};
 use gantry_scan::{FIRST_DELAY, next_check};
 use gantry_store::fs::FsStore;
 use gantry_store::{Etag, Page, StateStore, StoreError, Versioned};
+use gantry_testkit::fixtures::{self, SHA};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -37,7 +35,6 @@ const DIGEST: &str = "sha256:c4719afa76fa448b5eca99e6736885846501d17956f2fcb2de5
 /// The digest `wrong-digest.json` names.
 const OTHER_DIGEST: &str =
     "sha256:0391d596b430ba26aabec5e42fe9e44a657fc9348971043507a8dc8bdf6a984a";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 /// The default `max_wait` (4 h).
 const MAX_WAIT: Duration = Duration::from_secs(4 * 3600);
 
@@ -230,31 +227,19 @@ impl Harness {
     /// Creates a run of `web` in `scanning` for [`DIGEST`] with `scan` pending
     /// (attempt 1), after `edit`; returns its id.
     async fn create_run(&self, edit: impl FnOnce(&mut Run)) -> Result<RunId> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(
-            now.unix_timestamp_nanos() / 1_000_000,
-        )?);
-        let mut run = Run::new(
-            id.clone(),
-            AppName::parse("web")?,
+        let source = Source {
+            pusher: Some("monalisa".into()),
+            delivery: Some("11111111-2222-4333-8444-555555555555".into()),
+            ..fixtures::github_source("web", SHA)?
+        };
+        let run = fixtures::run_at(
+            "web",
             RunStatus::Scanning,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some("contoso/web".into()),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: Some("monalisa".into()),
-                delivery: Some("11111111-2222-4333-8444-555555555555".into()),
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: "web".into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(DIGEST)?,
-        });
+            source,
+            OffsetDateTime::now_utc(),
+        )?;
+        let mut run = fixtures::with_image(run, DIGEST)?;
+        let id = run.id.clone();
         run.steps.insert("scan".into(), Step::pending(1));
         edit(&mut run);
         ensure!(self.runs.create(&run).await?, "run {id} already existed");

@@ -19,24 +19,20 @@ use gantry_bus::{BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, Que
 use gantry_events::defender::{DefenderEvent, decode};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
 use gantry_pipeline::names::security_key;
-use gantry_pipeline::{
-    AppName, CommitSha, Config, Digest, Image, Run, RunStatus, RunStore, Source, SourceKind, Step,
-    StepRequest, StepStatus,
-};
+use gantry_pipeline::{Config, Digest, Run, RunStatus, RunStore, Step, StepRequest, StepStatus};
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::fixtures;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 use tower::ServiceExt;
 
 const WEB: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const API: &str = "sha256:7f3c1a9e5b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e";
 const OLD: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 const AKS: &str = "/subscriptions/7d3f2a51-9c4e-4b8a-a1f6-2e5c8b9d0f13/resourceGroups/rg-prod/providers/Microsoft.ContainerService/managedClusters/aks-prod";
-const SHA: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high (threshold high)";
 
 const PASCAL: &str = "alert-workflow-automation.pascal.json";
@@ -244,29 +240,7 @@ impl Harness {
     /// A run of `app` for `digest` in `status`, stored with its digest index,
     /// as registry-push and the later steps leave it.
     async fn run_for(&self, app: &str, digest: &str, status: RunStatus) -> Result<Run> {
-        let now = OffsetDateTime::now_utc();
-        let id = gantry_pipeline::ids::new_run_id(u64::try_from(now.unix_timestamp())? * 1000);
-        let mut run = Run::new(
-            id,
-            AppName::parse(app)?,
-            status,
-            Source {
-                kind: SourceKind::Github,
-                repo: Some(format!("contoso/{app}")),
-                commit: Some(CommitSha::parse(SHA)?),
-                git_ref: Some("refs/heads/main".into()),
-                pusher: None,
-                delivery: None,
-                message: None,
-            },
-            now,
-        );
-        run.image = Some(Image {
-            registry: "contoso.azurecr.io".into(),
-            repository: app.into(),
-            tag: Some(SHA.into()),
-            digest: Digest::parse(digest)?,
-        });
+        let run = fixtures::with_image(fixtures::run(app, status)?, digest)?;
         ensure!(self.runs.create(&run).await?);
         self.runs
             .claim_digest(&run.app, &Digest::parse(digest)?, &run.id)
@@ -278,19 +252,8 @@ impl Harness {
     /// (the policy with the hash of the manifests rendered now).
     async fn gated_run(&self, app: &str, digest: &str, status: RunStatus) -> Result<Run> {
         let mut run = self.run_for(app, digest, status).await?;
-        let now = OffsetDateTime::now_utc();
-        run.steps.insert(
-            "scan".into(),
-            Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
-        );
         let hash = self.render(&run)?.hash;
-        run.steps.insert(
-            "policy".into(),
-            Step {
-                details: json!({"manifest_hash": hash, "violations": []}),
-                ..Step::finished(StepStatus::Passed, now, "no violations")
-            },
-        );
+        fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
         let steps = run.steps.clone();
         self.runs
             .update(&run.app, &run.id, |r| {
@@ -865,19 +828,8 @@ async fn blocked_digest_is_refused_by_the_deploy_gate() -> Result<()> {
     let h = Harness::new(Setup::default()).await?;
     // A web run that passed its gates and waits for deploy, as policy-enforce leaves it.
     let mut run = h.run_for("web", WEB, RunStatus::Deploying).await?;
-    let now = OffsetDateTime::now_utc();
-    run.steps.insert(
-        "scan".into(),
-        Step::finished(StepStatus::Passed, now, SCAN_SUMMARY),
-    );
     let hash = h.render(&run)?.hash;
-    run.steps.insert(
-        "policy".into(),
-        Step {
-            details: json!({"manifest_hash": hash, "violations": []}),
-            ..Step::finished(StepStatus::Passed, now, "no violations")
-        },
-    );
+    fixtures::gates_passed(&mut run, SCAN_SUMMARY, &hash);
     run.steps.insert("deploy".into(), Step::pending(1));
     h.runs
         .update(&run.app, &run.id, |r| {

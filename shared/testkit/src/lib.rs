@@ -1,5 +1,6 @@
 //! Test harness shared by gantry's crates: a throw-away Azurite (the Blob
-//! Storage emulator) on a free loopback port.
+//! Storage emulator) on a free loopback port, and example runs
+//! ([`fixtures`]).
 //!
 //! Used only as a dev-dependency. Tests that need Azurite must *fail* when it is
 //! missing rather than skip: CI installs it with `npm ci` (the version is pinned
@@ -13,6 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+pub mod fixtures;
 
 /// Azurite's well-known development account.
 pub const ACCOUNT: &str = "devstoreaccount1";
