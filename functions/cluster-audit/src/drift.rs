@@ -7,6 +7,12 @@
 //! controllers) are ignored, because they are not gantry's to judge. The
 //! provenance annotations (run id, commit, verdicts) are ignored too: they
 //! say which run applied the object, not what runs.
+//!
+//! One exception: a Deployment's `spec.replicas` last written through the
+//! `scale` subresource ([`replicas_scaled`]). That is how autoscalers
+//! (HorizontalPodAutoscaler, KEDA) and `kubectl scale` change the replica
+//! count: scaling, not a change of what runs. A hand edit of the object
+//! (`kubectl edit`, `apply`) writes the main resource and is still drift.
 
 use gantry_manifests::PROVENANCE_ANNOTATIONS;
 use serde_json::Value;
@@ -46,6 +52,27 @@ pub fn differences(rendered: &Value, live: &Value) -> Vec<Difference> {
     let mut out = Vec::new();
     walk(&mut String::new(), rendered, Some(live), false, &mut out);
     out
+}
+
+/// The field path of a Deployment's replica count, as [`differences`] names it.
+pub const REPLICAS: &str = "spec.replicas";
+
+/// Whether `live`'s `spec.replicas` is owned by a writer that went through
+/// the `scale` subresource: an entry of `metadata.managedFields` with
+/// `subresource: scale` whose `fieldsV1` holds `f:spec` → `f:replicas`.
+/// Server-side field ownership is the API server's own record of who set a
+/// field, so nothing has to be configured per app.
+pub fn replicas_scaled(live: &Value) -> bool {
+    live["metadata"]["managedFields"]
+        .as_array()
+        .is_some_and(|entries| {
+            entries.iter().any(|entry| {
+                entry["subresource"] == "scale"
+                    && entry["fieldsV1"]["f:spec"]
+                        .as_object()
+                        .is_some_and(|spec| spec.contains_key("f:replicas"))
+            })
+        })
 }
 
 fn push_key(path: &str, key: &str) -> String {
@@ -144,6 +171,30 @@ mod tests {
                 "spec.template.spec.containers[0].image i@d Some(\"evil\")",
             ]
         );
+    }
+
+    #[test]
+    fn replicas_written_through_scale_are_recognised() {
+        let with = |entries: Value| json!({"metadata": {"managedFields": entries}});
+        // The HPA controller scales through the subresource.
+        let hpa = with(json!([
+            {"manager": "gantry", "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+            {"manager": "kube-controller-manager", "operation": "Update", "subresource": "scale",
+             "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        ]));
+        assert!(replicas_scaled(&hpa));
+        // A hand edit of the Deployment itself owns the field without it.
+        let edit = with(json!([
+            {"manager": "kubectl-edit", "operation": "Update",
+             "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        ]));
+        assert!(!replicas_scaled(&edit));
+        // A scale entry about something else, or no managedFields at all.
+        let other = with(json!([
+            {"manager": "x", "subresource": "scale", "fieldsV1": {"f:spec": {"f:paused": {}}}}
+        ]));
+        assert!(!replicas_scaled(&other));
+        assert!(!replicas_scaled(&json!({"metadata": {}})));
     }
 
     #[test]

@@ -401,7 +401,11 @@ async fn audit_app(deps: &Deps, app: &AppConfig) -> Result<String, AuditError> {
                         app: None,
                     }),
                     Some(live) => {
+                        let scaled = kind == "Deployment" && drift::replicas_scaled(live);
                         for d in drift::differences(rendered, live) {
+                            if scaled && d.path == drift::REPLICAS {
+                                continue;
+                            }
                             let shown = d.live.as_deref().unwrap_or("(missing)");
                             findings.push(Finding {
                                 fingerprint: format!("drift:{kind}/{name}:{}", d.path),

@@ -412,6 +412,40 @@ async fn drift_alerts_once_per_finding_and_again_when_it_returns() -> Result<()>
     Ok(())
 }
 
+/// An autoscaler (or `kubectl scale`) changes `spec.replicas` through the
+/// `scale` subresource: not drift. The same change made by editing the
+/// Deployment is.
+#[tokio::test]
+async fn replicas_changed_through_the_scale_subresource_are_not_drift() -> Result<()> {
+    let h = Harness::new("[deploy]\ntarget = \"kubernetes\"\n").await?;
+    let (_, objects) = h.deployed().await?;
+    h.serve(&objects);
+    h.edit(DEPLOYMENT, |d| {
+        d["spec"]["replicas"] = json!(7);
+        d["metadata"]["managedFields"] = json!([
+            {"manager": "gantry", "operation": "Apply", "fieldsV1": {"f:spec": {}}},
+            {"manager": "kube-controller-manager", "operation": "Update",
+             "subresource": "scale", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        ]);
+    });
+    let line = h.fire_ok().await?;
+    assert!(line.contains("0 open findings"), "{line}");
+    assert!(h.alerts().await?.is_empty(), "{:#?}", h.alerts().await?);
+
+    h.edit(DEPLOYMENT, |d| {
+        d["metadata"]["managedFields"] = json!([
+            {"manager": "kubectl-edit", "operation": "Update",
+             "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        ]);
+    });
+    h.fire_ok().await?;
+    assert_eq!(
+        reasons(&h.alerts().await?),
+        vec!["web: Deployment web: spec.replicas is 7, gantry applied 2".to_string()]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn alert_queue_outage_answers_503_and_the_next_sweep_repeats_the_same_ids() -> Result<()> {
     let h = Harness::new("[deploy]\ntarget = \"kubernetes\"\n").await?;
