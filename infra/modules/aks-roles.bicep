@@ -12,7 +12,8 @@
 // already covers, per namespace, for what gantry applies and reads:
 //   apply: apps/deployments/*, services/*, serviceaccounts/*,
 //          networking.k8s.io/networkpolicies/*, networking.k8s.io/ingresses/*
-//          (exposure mode `ingress`);
+//          (exposure mode `ingress`; `*` includes the delete that removes
+//          an Ingress the app no longer renders);
 //   read (governance audit): apps/deployments/*, resourcequotas/read,
 //          limitranges/read (also in the namespace settings role below).
 // Not covered and not expressible: secrets-store.csi.x-k8s.io

@@ -18,7 +18,10 @@
 //! files and changes nothing else.
 //!
 //! Target `kubernetes`: the manifests are applied by server-side apply in
-//! dependency order ([`gantry_kube::Cluster::apply`]); the deploy step passes,
+//! dependency order ([`gantry_kube::Cluster::apply`]), then gantry's own
+//! Ingress or SecretProviderClass the app no longer renders is deleted
+//! ([`gantry_kube::Cluster::remove_stale`], also after a rollback's apply;
+//! recorded as `removed` in the step details); the deploy step passes,
 //! the run becomes `verifying` and the function returns at once. The rollout
 //! is judged by scheduled `verify` messages (same queue and session, MessageId
 //! `{run}:verify:{attempt}:{n}`), each reading the Deployment and its pods:
@@ -591,8 +594,45 @@ async fn send_verify(
     deps.send(message).await.map_err(queue_err)
 }
 
-/// Applies the manifests, passes the deploy step and hands the run to the
-/// scheduled rollout checks.
+/// Deletes the app's objects that gantry created earlier but `rendered` no
+/// longer contains ([`Cluster::remove_stale`]): server-side apply never
+/// deletes, and an Ingress left behind would keep exposing the app.
+async fn remove_stale(
+    cluster: &Cluster,
+    app: &gantry_pipeline::AppConfig,
+    rendered: &gantry_manifests::Rendered,
+) -> Result<Vec<(String, String)>, KubeError> {
+    cluster
+        .remove_stale(
+            app.namespace().as_str(),
+            app.name.as_str(),
+            &rendered.objects,
+        )
+        .await
+}
+
+/// `[{"kind", "name"}]` for the step details.
+fn kind_names(objects: &[(String, String)]) -> Vec<serde_json::Value> {
+    objects
+        .iter()
+        .map(|(kind, name)| serde_json::json!({"kind": kind, "name": name}))
+        .collect()
+}
+
+/// `; removed Ingress web, ...` for a summary, empty when nothing was.
+fn removed_summary(removed: &[(String, String)]) -> String {
+    if removed.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = removed
+        .iter()
+        .map(|(kind, name)| format!("{kind} {name}"))
+        .collect();
+    format!("; removed {} (no longer rendered)", list.join(", "))
+}
+
+/// Applies the manifests, removes the objects no longer rendered, passes the
+/// deploy step and hands the run to the scheduled rollout checks.
 async fn apply_kubernetes(
     deps: &Deps,
     run: &Run,
@@ -616,22 +656,30 @@ async fn apply_kubernetes(
             return Ok(Done(format!("run {run_id}: failed: {reason}")));
         }
     };
+    // After the apply, so the app is never left without what it renders now;
+    // a redelivery applies again and finds nothing more to remove.
+    let removed = match remove_stale(&cluster, app, rendered).await {
+        Ok(r) => r,
+        Err(e) if e.is_transient() => return Err(kube_err(e)),
+        Err(e) => {
+            let reason = format!("removing objects no longer rendered: {e}");
+            step::fail(deps, NAME, run, steps::DEPLOY, &reason).await?;
+            return Ok(Done(format!("run {run_id}: failed: {reason}")));
+        }
+    };
     let now = OffsetDateTime::now_utc();
     let summary = format!(
-        "applied {} objects to namespace {} (manifest hash {})",
+        "applied {} objects to namespace {} (manifest hash {}){}",
         applied.objects.len(),
         app.namespace(),
-        short(&rendered.hash)
+        short(&rendered.hash),
+        removed_summary(&removed)
     );
-    let objects: Vec<_> = applied
-        .objects
-        .iter()
-        .map(|(kind, name)| serde_json::json!({"kind": kind, "name": name}))
-        .collect();
     let details = serde_json::json!({
         "target": "kubernetes",
         "manifest_hash": rendered.hash,
-        "applied": objects,
+        "applied": kind_names(&applied.objects),
+        "removed": kind_names(&removed),
         "generation": applied.deployment_generation,
         "previous": previous,
     });
@@ -965,13 +1013,34 @@ async fn roll_back(
             return fail(format!("rolling back to {} failed: {e}", target.digest)).await;
         }
     };
+    // The earlier version may not have rendered what the failed one did (an
+    // Ingress added since): what runs after the rollback is what it renders.
+    let removed = match remove_stale(cluster, app, &rendered).await {
+        Ok(r) => r,
+        Err(e) if e.is_transient() => {
+            return Err(DeployError::Kube {
+                run: run.id.to_string(),
+                source: e,
+            });
+        }
+        Err(e) => {
+            return fail(format!(
+                "rolled back to {} but removing objects it does not render failed: {e}",
+                target.digest
+            ))
+            .await;
+        }
+    };
     let summary = format!(
-        "{reason}; rolled back to {} (run {})",
-        target.digest, target.run_id
+        "{reason}; rolled back to {} (run {}){}",
+        target.digest,
+        target.run_id,
+        removed_summary(&removed)
     );
     let details = serde_json::json!({
         "rolled_back_to": target,
         "applied": applied.objects.len(),
+        "removed": kind_names(&removed),
         "blocked": digest,
     });
     deps.runs

@@ -54,6 +54,18 @@ const EXPECTED_PATHS: [&str; 10] = [
 /// Objects one apply sends (the default app).
 const APPLIED: usize = EXPECTED_PATHS.len();
 
+const SPC_PATH: &str =
+    "/apis/secrets-store.csi.x-k8s.io/v1/namespaces/web/secretproviderclasses/web";
+const INGRESS_PATH: &str = "/apis/networking.k8s.io/v1/namespaces/web/ingresses/web";
+
+/// What the deploy reads after the apply for the default app, which renders
+/// neither of the optional kinds: whether gantry left one behind.
+const PRUNE_READS: [&str; 2] = [SPC_PATH, INGRESS_PATH];
+
+/// Requests one deploy (or rollback) of the default app sends: the applies,
+/// then the reads of [`PRUNE_READS`] (both absent).
+const REQUESTS: usize = APPLIED + PRUNE_READS.len();
+
 /// Position of the Deployment among them.
 const DEPLOYMENT_AT: usize = 8;
 
@@ -73,6 +85,9 @@ struct Api {
     seen: Vec<Seen>,
     deployment: Value,
     pods: Value,
+    /// Other objects the cluster holds, by path: GET answers them, DELETE
+    /// removes them.
+    live: BTreeMap<String, Value>,
 }
 
 async fn serve(
@@ -115,6 +130,22 @@ async fn serve(
                     200,
                     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": api.pods}),
                 ),
+                // A Status stored as the object is the API server's refusal.
+                ("GET", path) if api.live.contains_key(path) => {
+                    let object = api.live[path].clone();
+                    match object["kind"].as_str() {
+                        Some("Status") => (object["code"].as_u64().unwrap_or(500) as u16, object),
+                        _ => (200, object),
+                    }
+                }
+                ("DELETE", path) if api.live.contains_key(path) => {
+                    api.live.remove(path);
+                    (
+                        200,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                               "status": "Success", "code": 200}),
+                    )
+                }
                 _ => (
                     404,
                     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -324,9 +355,15 @@ impl Harness {
     }
 }
 
+/// `seen` starts with the applies of `objects`, then the prune reads.
 fn assert_applied(seen: &[Seen], objects: &[Value]) {
-    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
-    assert_eq!(paths, EXPECTED_PATHS);
+    let paths: Vec<&str> = seen[..REQUESTS].iter().map(|s| s.path.as_str()).collect();
+    let mut expected = EXPECTED_PATHS.to_vec();
+    expected.extend(PRUNE_READS);
+    assert_eq!(paths, expected);
+    for read in &seen[APPLIED..REQUESTS] {
+        assert_eq!(read.method, "GET", "{}", read.path);
+    }
     for (request, object) in seen.iter().zip(objects) {
         assert_eq!(request.method, "PATCH", "{}", request.path);
         let query: Vec<&str> = request.query.split('&').collect();
@@ -358,6 +395,11 @@ async fn applies_in_order_and_schedules_one_verify() -> Result<()> {
     assert_eq!(deploy.details["generation"], 2);
     assert_eq!(deploy.details["applied"].as_array().unwrap().len(), APPLIED);
     assert_eq!(deploy.details["manifest_hash"], h.render(&run)?.hash);
+    assert_eq!(
+        deploy.details["removed"],
+        json!([]),
+        "nothing was left behind"
+    );
     assert_eq!(stored.steps["verify"].status, StepStatus::Pending);
 
     let queued = h.bus.peek("deploy").await;
@@ -384,7 +426,7 @@ async fn applies_in_order_and_schedules_one_verify() -> Result<()> {
     // A redelivered deploy message applies nothing again and queues no
     // second check.
     h.deploy(&run).await?;
-    assert_eq!(h.seen().len(), APPLIED);
+    assert_eq!(h.seen().len(), REQUESTS);
     assert_eq!(h.bus.peek("deploy").await.len(), 1);
     Ok(())
 }
@@ -410,7 +452,10 @@ async fn complete_rollout_is_deployed() -> Result<()> {
     assert_eq!(alerts[0].message_id, format!("{}:alert:deployed", run.id));
     let alert: Value = serde_json::from_str(&alerts[0].body)?;
     assert_eq!(alert["severity"], "info");
-    let reads: Vec<String> = h.seen()[APPLIED..].iter().map(|s| s.path.clone()).collect();
+    let reads: Vec<String> = h.seen()[REQUESTS..]
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
     assert_eq!(
         reads,
         [
@@ -422,7 +467,7 @@ async fn complete_rollout_is_deployed() -> Result<()> {
     // Redelivered: nothing more is read or written; the alert repeats with
     // the same MessageId (dropped as a duplicate).
     h.verify(&verify_id(&run, 1)).await?;
-    assert_eq!(h.seen().len(), APPLIED + 2);
+    assert_eq!(h.seen().len(), REQUESTS + 2);
     assert_eq!(h.alerts().await.len(), 1);
     Ok(())
 }
@@ -462,9 +507,9 @@ async fn progress_deadline_exceeded_rolls_back_to_the_previous_good_version() ->
     assert!(line.contains("rolled back"), "{line}");
 
     let seen = h.seen();
-    assert_eq!(seen.len(), APPLIED + 2 + APPLIED, "{seen:#?}");
-    assert_applied(&seen[APPLIED + 2..], &previous_objects.objects);
-    let image = seen[APPLIED + 2 + DEPLOYMENT_AT]
+    assert_eq!(seen.len(), REQUESTS + 2 + REQUESTS, "{seen:#?}");
+    assert_applied(&seen[REQUESTS + 2..], &previous_objects.objects);
+    let image = seen[REQUESTS + 2 + DEPLOYMENT_AT]
         .body
         .pointer("/spec/template/spec/containers/0/image");
     assert_eq!(
@@ -526,7 +571,7 @@ async fn crash_loop_without_a_previous_version_fails() -> Result<()> {
     );
     h.verify(&verify_id(&run, 1)).await?;
 
-    assert_eq!(h.seen().len(), APPLIED + 2, "no rollback applied");
+    assert_eq!(h.seen().len(), REQUESTS + 2, "no rollback applied");
     let stored = h.run(&run).await?;
     assert_eq!(stored.status, RunStatus::Failed);
     let verify = &stored.steps["verify"];
@@ -578,7 +623,7 @@ async fn progressing_rollout_is_checked_again_until_the_deadline() -> Result<()>
     // Check 1 delivered again is stale: nothing read, nothing queued.
     let line = h.verify(&verify_id(&run, 1)).await?;
     assert!(line.contains("stale"), "{line}");
-    assert_eq!(h.seen().len(), APPLIED + 2);
+    assert_eq!(h.seen().len(), REQUESTS + 2);
     assert_eq!(h.bus.peek("deploy").await.len(), 2);
 
     // Past the deadline (10m from the apply) a still-progressing rollout
@@ -609,14 +654,14 @@ async fn a_newer_apply_supersedes_the_older_rollout_check() -> Result<()> {
     h.deploy(&older).await?;
     let newer = h.recorded(DIGEST, Duration::ZERO).await?;
     h.deploy(&newer).await?;
-    assert_eq!(h.seen().len(), 2 * APPLIED);
+    assert_eq!(h.seen().len(), 2 * REQUESTS);
     h.set(deployment(2, 2, 2, json!([])), json!([]));
 
     let line = h.verify(&verify_id(&older, 1)).await?;
     assert!(line.contains("superseded"), "{line}");
     assert_eq!(
         h.seen().len(),
-        2 * APPLIED,
+        2 * REQUESTS,
         "nothing read for the older run"
     );
     let stored = h.run(&older).await?;
@@ -704,7 +749,7 @@ async fn a_rollback_run_applies_the_earlier_manifests_and_is_not_rolled_back_aga
     h.verify(&verify_id(&rollback, 1)).await?;
     assert_eq!(
         h.seen().len(),
-        APPLIED + 2,
+        REQUESTS + 2,
         "nothing applied after the checks"
     );
     let stored = h.run(&rollback).await?;
@@ -768,5 +813,92 @@ async fn key_vault_and_ingress_kinds_are_applied_at_their_api_paths() -> Result<
     assert_eq!(stored.status, RunStatus::Verifying, "{stored:#?}");
     let applied = stored.steps["deploy"].details["applied"].clone();
     assert_eq!(applied.as_array().unwrap().len(), APPLIED + 2, "{applied}");
+    Ok(())
+}
+
+/// The app switched from `ingress` to `cluster`: the deploy no longer renders
+/// its Ingress, so the one gantry applied earlier is deleted after the apply
+/// (with its uid as precondition) and recorded; a SecretProviderClass of
+/// the same name that gantry did not create is left alone.
+#[tokio::test]
+async fn a_leftover_gantry_ingress_is_deleted_after_the_apply() -> Result<()> {
+    let h = Harness::with_app("[apps.expose]\nmode = \"cluster\"\n").await?;
+    let uid = "3c0ffee0-0000-4000-8000-000000000042";
+    {
+        let mut api = h.api.lock().unwrap();
+        api.live.insert(
+            INGRESS_PATH.into(),
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                   "metadata": {"name": "web", "namespace": "web", "uid": uid,
+                                "labels": {"app.kubernetes.io/name": "web",
+                                           "app.kubernetes.io/managed-by": "gantry"}},
+                   "spec": {"ingressClassName": "azure-alb-external"}}),
+        );
+        api.live.insert(
+            SPC_PATH.into(),
+            json!({"apiVersion": "secrets-store.csi.x-k8s.io/v1", "kind": "SecretProviderClass",
+                   "metadata": {"name": "web", "namespace": "web", "uid": "other",
+                                "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+                   "spec": {"provider": "azure"}}),
+        );
+    }
+    let run = h.recorded(DIGEST, Duration::ZERO).await?;
+    let line = h.deploy(&run).await?;
+    assert!(line.contains("removed Ingress web"), "{line}");
+
+    let seen = h.seen();
+    let calls: Vec<(&str, &str)> = seen[APPLIED..]
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("GET", SPC_PATH),
+            ("GET", INGRESS_PATH),
+            ("DELETE", INGRESS_PATH)
+        ]
+    );
+    assert!(seen[..APPLIED].iter().all(|s| s.method == "PATCH"));
+    assert_eq!(seen[APPLIED + 2].body["preconditions"]["uid"], uid);
+    {
+        let api = h.api.lock().unwrap();
+        assert!(!api.live.contains_key(INGRESS_PATH), "the Ingress is gone");
+        assert!(api.live.contains_key(SPC_PATH), "not gantry's: kept");
+    }
+
+    let stored = h.run(&run).await?;
+    assert_eq!(stored.status, RunStatus::Verifying);
+    let deploy = &stored.steps["deploy"];
+    assert_eq!(deploy.status, StepStatus::Passed);
+    assert_eq!(
+        deploy.details["removed"],
+        json!([{"kind": "Ingress", "name": "web"}])
+    );
+    let summary = deploy.summary.as_deref().unwrap_or_default();
+    assert!(summary.contains("removed Ingress web"), "{summary}");
+    Ok(())
+}
+
+/// Checking for a leftover fails for good (400): the deploy step fails like an
+/// apply failure, after the apply.
+#[tokio::test]
+async fn a_permanent_prune_failure_fails_the_deploy_step() -> Result<()> {
+    let h = Harness::new().await?;
+    h.api.lock().unwrap().live.insert(
+        SPC_PATH.into(),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "bad request", "reason": "BadRequest", "code": 400}),
+    );
+    let run = h.recorded(DIGEST, Duration::ZERO).await?;
+    let line = h.deploy(&run).await?;
+    assert!(line.contains("failed"), "{line}");
+    let stored = h.run(&run).await?;
+    assert_eq!(stored.status, RunStatus::Failed, "{stored:#?}");
+    let summary = stored.steps["deploy"].summary.clone().unwrap_or_default();
+    assert!(
+        summary.contains("removing objects no longer rendered"),
+        "{summary}"
+    );
     Ok(())
 }

@@ -16,6 +16,12 @@
 //! round trips on every deploy, needs wider RBAC, and an object of any other
 //! kind is a rendering bug that should fail loudly, not be applied.
 //!
+//! # Prune
+//!
+//! Server-side apply never deletes. [`Cluster::remove_stale`] deletes what an
+//! app no longer renders among the kinds rendered for some apps only
+//! ([`OPTIONAL_KINDS`]), and only objects labelled as gantry's.
+//!
 //! # Rollout
 //!
 //! [`Cluster::rollout`] reads the Deployment and its pods, and the pure
@@ -35,7 +41,9 @@ pub mod aks;
 use gantry_manifests::APPLY_ORDER;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions,
+};
 use serde_json::Value;
 
 /// The field manager gantry applies as; `kubectl get -o yaml
@@ -46,6 +54,10 @@ pub const FIELD_MANAGER: &str = "gantry";
 /// app's pods by it (`app.kubernetes.io/name=<deployment name>`; gantry names
 /// the Deployment after the app).
 pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
+
+/// The label whose value [`gantry_manifests::MANAGED_BY`] marks an object as
+/// gantry's own: [`Cluster::remove_stale`] deletes nothing without it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 /// Container waiting reasons that mean the new pods will not become ready by
 /// themselves: the image cannot be pulled or named, its configuration refers
@@ -178,6 +190,16 @@ pub const KINDS: [KindInfo; 9] = [
     },
 ];
 
+/// The kinds gantry renders for some apps only, each under the app's own
+/// name (`{app}`): `SecretProviderClass` (with `[apps.keyvault]`) and
+/// `Ingress` (with `[apps.expose] mode = "ingress"`). Server-side apply never
+/// deletes, so when a configuration change stops rendering one of them,
+/// [`Cluster::remove_stale`] removes the one left behind (an old Ingress would
+/// keep the app reachable the way its owner no longer chose). Only these two:
+/// every other kind is rendered for every app under a fixed name, so the next
+/// apply overwrites it rather than leaving it behind.
+pub const OPTIONAL_KINDS: [&str; 2] = ["SecretProviderClass", "Ingress"];
+
 /// DaemonSets: not rendered by gantry (so not in [`KINDS`]) but read by the
 /// governance audit.
 pub const DAEMON_SET: KindInfo = KindInfo {
@@ -290,6 +312,22 @@ pub enum KubeError {
         /// See [`KubeError::is_transient`].
         transient: bool,
     },
+    /// Reading or deleting an object gantry no longer renders
+    /// ([`Cluster::remove_stale`]) failed; a missing object, or one changed
+    /// or deleted by someone else meanwhile, is not an error.
+    #[error("deleting {kind} {name:?} failed ({}): {message}", http_status(*.status))]
+    DeleteObject {
+        /// The object's kind.
+        kind: String,
+        /// The object's name.
+        name: String,
+        /// HTTP status of the reply; `None` when no reply came.
+        status: Option<u16>,
+        /// The API server's message (or the connection error).
+        message: String,
+        /// See [`KubeError::is_transient`].
+        transient: bool,
+    },
     /// Listing the app's pods failed.
     #[error("listing pods in {namespace} failed ({}): {message}", http_status(*.status))]
     ListPods {
@@ -315,6 +353,7 @@ impl KubeError {
             | KubeError::ReadDeployment { transient, .. }
             | KubeError::ReadObject { transient, .. }
             | KubeError::ListObjects { transient, .. }
+            | KubeError::DeleteObject { transient, .. }
             | KubeError::ListPods { transient, .. } => *transient,
         }
     }
@@ -550,6 +589,100 @@ impl Cluster {
             out.push(value);
         }
         Ok(out)
+    }
+
+    /// Deletes the objects of [`OPTIONAL_KINDS`] named `app` in `namespace`
+    /// that gantry created for an earlier deploy but no longer renders (none
+    /// of that kind in `rendered`, the objects just applied). Returns the
+    /// `(kind, name)` of each object deleted.
+    ///
+    /// For each such kind: `GET {kind}/{app}`; absent (404, also when the
+    /// cluster does not serve the CRD kind) → nothing to do. Present and
+    /// labelled `app.kubernetes.io/managed-by: gantry` → `DELETE` with a
+    /// `uid` precondition, so an object recreated by someone else between
+    /// the read and the delete is left alone; a 404 or 409 on the delete
+    /// means it is gone or changed already, not an error. Present without
+    /// that label → left as it is with a warning: gantry never deletes what
+    /// it did not create. Needs `get` and `delete` on those kinds.
+    pub async fn remove_stale(
+        &self,
+        namespace: &str,
+        app: &str,
+        rendered: &[Value],
+    ) -> Result<Vec<(String, String)>, KubeError> {
+        let mut removed = Vec::new();
+        for kind in OPTIONAL_KINDS {
+            let rendered_kind = rendered
+                .iter()
+                .any(|o| o.get("kind").and_then(Value::as_str) == Some(kind));
+            if rendered_kind {
+                continue;
+            }
+            let Some(info) = KINDS.iter().find(|k| k.kind == kind) else {
+                continue;
+            };
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), namespace, &info.api_resource());
+            let delete_err = |e: kube::Error| {
+                let (status, message, transient) = describe(e);
+                KubeError::DeleteObject {
+                    kind: kind.into(),
+                    name: app.into(),
+                    status,
+                    message,
+                    transient,
+                }
+            };
+            // get_opt maps a 404 to None; for a CRD kind the cluster does not
+            // serve the 404 carries a different reason, so it is matched too.
+            let found = match api.get_opt(app).await {
+                Ok(found) => found,
+                Err(kube::Error::Api(status)) if status.code == 404 => None,
+                Err(e) => return Err(delete_err(e)),
+            };
+            let Some(object) = found else {
+                continue;
+            };
+            let managed = object
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY_LABEL))
+                .is_some_and(|v| v == gantry_manifests::MANAGED_BY);
+            if !managed {
+                tracing::warn!(
+                    kind,
+                    namespace,
+                    name = app,
+                    "not rendered for the app any more but not managed by gantry: left as it is"
+                );
+                continue;
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: object.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(app, &params).await {
+                Ok(_) => {
+                    tracing::info!(kind, namespace, name = app, "removed: no longer rendered");
+                    removed.push((kind.to_string(), app.to_string()));
+                }
+                Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {
+                    tracing::info!(
+                        kind,
+                        namespace,
+                        name = app,
+                        code = status.code,
+                        "not removed: already gone or replaced meanwhile"
+                    );
+                }
+                Err(e) => return Err(delete_err(e)),
+            }
+        }
+        Ok(removed)
     }
 
     /// Every object of the namespaced kinds gantry applies ([`KINDS`]) in

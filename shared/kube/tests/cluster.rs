@@ -799,3 +799,204 @@ async fn list_namespace_skips_an_absent_crd_only() {
         "{err:?}"
     );
 }
+
+// ---- remove_stale ------------------------------------------------------------
+
+const INGRESS_PATH: &str = "/apis/networking.k8s.io/v1/namespaces/web/ingresses/web";
+const SPC_PATH: &str =
+    "/apis/secrets-store.csi.x-k8s.io/v1/namespaces/web/secretproviderclasses/web";
+const STALE_UID: &str = "9a8b7c6d-0000-4000-8000-00000000abcd";
+
+/// The rendered objects without the kinds in `without` (the app after its
+/// configuration stopped rendering them).
+fn objects_without(without: &[&str]) -> Vec<Value> {
+    objects()
+        .into_iter()
+        .filter(|o| !without.contains(&o["kind"].as_str().unwrap()))
+        .collect()
+}
+
+/// A live object at `path` as the API server returns it, with `labels`.
+fn live_object(path: &str, labels: Value) -> Reply {
+    let (api_version, kind) = if path.contains("/ingresses/") {
+        ("networking.k8s.io/v1", "Ingress")
+    } else {
+        ("secrets-store.csi.x-k8s.io/v1", "SecretProviderClass")
+    };
+    (
+        200,
+        json!({"apiVersion": api_version, "kind": kind,
+               "metadata": {"name": "web", "namespace": "web", "uid": STALE_UID,
+                            "resourceVersion": "77", "labels": labels},
+               "spec": {}}),
+    )
+}
+
+fn not_found() -> Reply {
+    status(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+fn gantry_labels() -> Value {
+    json!({"app.kubernetes.io/name": "web", "app.kubernetes.io/managed-by": "gantry"})
+}
+
+/// What a DELETE answers: the object (still terminating) or a Status.
+fn deleted() -> Reply {
+    (
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
+    )
+}
+
+#[tokio::test]
+async fn remove_stale_deletes_a_leftover_gantry_ingress_with_a_uid_precondition() {
+    let (cluster, server) = fake_cluster(|seen| match (seen.method.as_str(), seen.path.as_str()) {
+        ("GET", INGRESS_PATH) => live_object(INGRESS_PATH, gantry_labels()),
+        ("DELETE", INGRESS_PATH) => deleted(),
+        _ => status(500, "InternalError", "unexpected request"),
+    });
+    // Still renders the SecretProviderClass: no request for it at all.
+    let removed = cluster
+        .remove_stale("web", "web", &objects_without(&["Ingress"]))
+        .await
+        .unwrap();
+    let seen = requests(cluster, server).await;
+    let calls: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(calls, [("GET", INGRESS_PATH), ("DELETE", INGRESS_PATH)]);
+    assert_eq!(
+        seen[1].body["preconditions"]["uid"], STALE_UID,
+        "{}",
+        seen[1].body
+    );
+    assert_eq!(removed, [("Ingress".to_string(), "web".to_string())]);
+}
+
+#[tokio::test]
+async fn remove_stale_leaves_objects_gantry_did_not_create() {
+    let (cluster, server) = fake_cluster(|seen| match (seen.method.as_str(), seen.path.as_str()) {
+        ("GET", INGRESS_PATH) => live_object(INGRESS_PATH, json!({"app": "web"})),
+        ("GET", SPC_PATH) => live_object(SPC_PATH, json!({"app.kubernetes.io/managed-by": "Helm"})),
+        _ => status(500, "InternalError", "unexpected request"),
+    });
+    let removed = cluster
+        .remove_stale(
+            "web",
+            "web",
+            &objects_without(&["Ingress", "SecretProviderClass"]),
+        )
+        .await
+        .unwrap();
+    let seen = requests(cluster, server).await;
+    let calls: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(calls, [("GET", SPC_PATH), ("GET", INGRESS_PATH)]);
+    assert!(removed.is_empty(), "{removed:?}");
+}
+
+#[tokio::test]
+async fn remove_stale_absent_objects_and_an_unserved_crd_are_nothing_to_do() {
+    let (cluster, server) = fake_cluster(|seen| match seen.method.as_str() {
+        "GET" => not_found(),
+        _ => status(500, "InternalError", "unexpected request"),
+    });
+    let removed = cluster
+        .remove_stale(
+            "web",
+            "web",
+            &objects_without(&["Ingress", "SecretProviderClass"]),
+        )
+        .await
+        .unwrap();
+    let seen = requests(cluster, server).await;
+    let calls: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
+    assert_eq!(calls, [("GET", SPC_PATH), ("GET", INGRESS_PATH)]);
+    assert!(removed.is_empty());
+}
+
+#[tokio::test]
+async fn remove_stale_sends_nothing_when_every_optional_kind_is_rendered() {
+    let (cluster, server) = fake_cluster(|_| status(500, "InternalError", "unexpected request"));
+    let removed = cluster
+        .remove_stale("web", "web", &objects())
+        .await
+        .unwrap();
+    let seen = requests(cluster, server).await;
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(removed.is_empty());
+}
+
+#[tokio::test]
+async fn remove_stale_a_delete_conflict_or_404_is_not_an_error() {
+    for code in [404, 409] {
+        let (cluster, server) = fake_cluster(move |seen| match seen.method.as_str() {
+            "GET" => live_object(&seen.path, gantry_labels()),
+            _ => status(code, "Conflict", "Precondition failed: UID in precondition"),
+        });
+        let removed = cluster
+            .remove_stale(
+                "web",
+                "web",
+                &objects_without(&["Ingress", "SecretProviderClass"]),
+            )
+            .await
+            .unwrap();
+        let seen = requests(cluster, server).await;
+        let methods: Vec<&str> = seen.iter().map(|s| s.method.as_str()).collect();
+        assert_eq!(methods, ["GET", "DELETE", "GET", "DELETE"], "{code}");
+        assert!(removed.is_empty(), "{code}: {removed:?}");
+    }
+}
+
+#[tokio::test]
+async fn remove_stale_failures_are_typed_delete_object() {
+    let (cluster, server) = fake_cluster(|seen| match seen.method.as_str() {
+        "GET" if seen.path == INGRESS_PATH => live_object(INGRESS_PATH, gantry_labels()),
+        "GET" => not_found(),
+        _ => status(403, "Forbidden", "cannot delete ingresses"),
+    });
+    let err = cluster
+        .remove_stale(
+            "web",
+            "web",
+            &objects_without(&["Ingress", "SecretProviderClass"]),
+        )
+        .await
+        .unwrap_err();
+    requests(cluster, server).await;
+    assert!(
+        matches!(&err, KubeError::DeleteObject { kind, name, status: Some(403), .. }
+            if kind == "Ingress" && name == "web"),
+        "{err:?}"
+    );
+    assert!(err.is_transient(), "RBAC not yet propagated: retry");
+
+    let (cluster, server) = fake_cluster(|_| status(400, "BadRequest", "bad"));
+    let err = cluster
+        .remove_stale("web", "web", &objects_without(&["Ingress"]))
+        .await
+        .unwrap_err();
+    requests(cluster, server).await;
+    assert!(
+        matches!(
+            &err,
+            KubeError::DeleteObject {
+                status: Some(400),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_transient(), "{err}");
+}
