@@ -2,32 +2,22 @@
 //! `GET /api/runs/{id}`) on the router `gantry serve` and `gantry dev` serve,
 //! with the embedded store and queue in a temporary directory.
 
+mod support;
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
-use axum::body::Body;
-use gantry_bus::{EmbeddedBus, MessageView, QUEUES, QueueOptions};
-use gantry_pipeline::{Config, Run, RunStatus, RunStore, Step, StepStatus};
+use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
+use gantry_pipeline::{Run, RunStatus, RunStore, Step, StepStatus};
 use gantry_runtime::auth::parse_api_tokens;
-use gantry_runtime::{Deps, Secrets};
-use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
 use gantry_testkit::fixtures::{self, DIGEST};
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
+use support::{OPERATE, READ, code, sha256_hex};
 
 const CONFIG: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nrequire_approval = true\napproval_expiry = \"1h\"\n";
-/// Tokens `ops-secret` (operate) and `read-secret` (read).
-const OPERATE: &str = "ops-secret";
-const READ: &str = "read-secret";
-
-fn sha256_hex(token: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
 
 struct Harness {
     _dir: tempfile::TempDir,
@@ -43,22 +33,12 @@ impl Harness {
         let store = Arc::new(FsStore::open(dir.path().join("store"))?);
         let bus = EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?;
         let runs = RunStore::new(store.clone());
-        let tokens = format!(
-            "alice:operate:{},bob:read:{}",
-            sha256_hex(OPERATE),
-            sha256_hex(READ)
-        );
-        let deps = Deps {
-            runs: runs.clone(),
-            bus: Arc::new(bus.clone()),
-            config: Arc::new(Config::parse(CONFIG, "test.toml")?),
-            secrets: Secrets {
-                api_tokens: parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
-                ..Secrets::default()
-            },
-            services: Default::default(),
-        };
-        let router = gantry_runtime::app(Arc::new(deps), &[fn_runs_api::function()]);
+        let (_, router) = support::router(
+            runs.clone(),
+            Arc::new(bus.clone()),
+            CONFIG,
+            support::secrets()?,
+        )?;
         Ok(Harness {
             _dir: dir,
             store,
@@ -89,20 +69,7 @@ impl Harness {
         token: Option<&str>,
         body: &str,
     ) -> Result<(StatusCode, Value)> {
-        let mut request = Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            request = request.header("authorization", format!("Bearer {t}"));
-        }
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(Body::from(body.to_string()))?)
-            .await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{status}: not JSON: {}", String::from_utf8_lossy(&bytes)))?;
-        Ok((status, value))
+        support::call(&self.router, method, path, &support::bearer(token), body).await
     }
 
     async fn stored(&self, run: &Run) -> Result<Run> {
@@ -114,30 +81,12 @@ impl Harness {
     }
 
     async fn assert_quiet(&self, except: &[&str]) -> Result<()> {
-        for queue in QUEUES.iter().filter(|q| !except.contains(q)) {
-            let held = self.messages(queue).await;
-            ensure!(held.is_empty(), "queue {queue} holds {held:#?}");
-        }
-        Ok(())
+        support::assert_quiet(&self.bus, except).await
     }
 
     async fn audit(&self, action: &str) -> Result<Vec<Value>> {
-        let mut found = Vec::new();
-        for name in self.runs.list_all("audit/").await? {
-            let blob = self.store.get(&name).await?.context("audit blob")?;
-            for line in String::from_utf8(blob.body)?.lines() {
-                let entry: Value = serde_json::from_str(line)?;
-                if entry["action"] == action {
-                    found.push(entry);
-                }
-            }
-        }
-        Ok(found)
+        support::audit(&self.runs, self.store.as_ref(), action).await
     }
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_default()
 }
 
 #[tokio::test]

@@ -2,29 +2,21 @@
 //! `_cluster` governance state, re-scan records) as the audit writes them,
 //! on the real router with the embedded store: auth, filters, bad filters.
 
+mod support;
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::body::Body;
 use gantry_bus::{EmbeddedBus, QueueOptions};
 use gantry_pipeline::findings::{AuditState, OpenFinding};
-use gantry_pipeline::{AppName, Config, RunStore, Severity};
-use gantry_runtime::auth::parse_api_tokens;
-use gantry_runtime::{Deps, Secrets};
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use gantry_pipeline::{AppName, RunStore, Severity};
+use http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
+use support::READ;
 
 const CONFIG: &str =
     "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n";
-const READ: &str = "read-secret";
-
-fn sha256_hex(token: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
 
 fn finding(kind: &str, severity: Severity, reason: &str, app: Option<&str>) -> OpenFinding {
     OpenFinding {
@@ -98,32 +90,13 @@ async fn harness() -> Result<(tempfile::TempDir, Router)> {
     runs.put_json("audit/state/Bad_Name.json", &AuditState::default())
         .await?;
 
-    let deps = Deps {
-        runs,
-        bus: Arc::new(EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?),
-        config: Arc::new(Config::parse(CONFIG, "test.toml")?),
-        secrets: Secrets {
-            api_tokens: parse_api_tokens(&format!("bob:read:{}", sha256_hex(READ)))
-                .map_err(anyhow::Error::msg)?,
-            ..Secrets::default()
-        },
-        services: Default::default(),
-    };
-    let router = gantry_runtime::app(Arc::new(deps), &[fn_runs_api::function()]);
+    let bus = Arc::new(EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?);
+    let (_, router) = support::router(runs, bus, CONFIG, support::secrets()?)?;
     Ok((dir, router))
 }
 
 async fn get(router: &Router, path: &str, token: Option<&str>) -> Result<(StatusCode, Value)> {
-    let mut request = Request::get(path);
-    if let Some(t) = token {
-        request = request.header("authorization", format!("Bearer {t}"));
-    }
-    let response = router.clone().oneshot(request.body(Body::empty())?).await?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{status}: {}", String::from_utf8_lossy(&bytes)))?;
-    Ok((status, value))
+    support::call(router, "GET", path, &support::bearer(token), "").await
 }
 
 fn fingerprints(v: &Value) -> Vec<&str> {

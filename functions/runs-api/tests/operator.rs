@@ -3,38 +3,29 @@
 //! `GET /api/runs/{id}` (audit entries) and `POST /api/runs/{id}/retrigger`,
 //! on the real router with the embedded store and queue.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
-use axum::body::Body;
 use base64::Engine as _;
-use gantry_bus::{
-    BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QUEUES, QueueOptions,
-};
+use gantry_bus::{BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QueueOptions};
 use gantry_pipeline::runs::blobs;
-use gantry_pipeline::{AppName, Config, Digest, Run, RunId, RunStatus, RunStore, Step, StepStatus};
-use gantry_runtime::auth::{AppServiceAuth, parse_api_tokens};
+use gantry_pipeline::{AppName, Digest, Run, RunId, RunStatus, RunStore, Step, StepStatus};
+use gantry_runtime::auth::AppServiceAuth;
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
 use gantry_testkit::fixtures::{self, DIGEST};
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use http::StatusCode;
 use serde_json::{Value, json};
+use support::{OPERATE, READ, code};
 use time::OffsetDateTime;
-use tower::ServiceExt;
 
 const CONFIG: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\n\n[[apps]]\nname = \"api\"\nrepo = \"contoso/api\"\nimage = \"contoso.azurecr.io/api\"\n";
-const OPERATE: &str = "ops-secret";
-const READ: &str = "read-secret";
 const OID: &str = "0b5e9c1a-2222-4333-8444-555555555555";
-
-fn sha256_hex(token: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
 
 /// The embedded bus, or a failure while `fail` is set (a Service Bus outage).
 struct Bus {
@@ -83,24 +74,15 @@ impl Harness {
             fail: AtomicBool::new(false),
         });
         let runs = RunStore::new(store.clone());
-        let tokens = format!(
-            "alice:operate:{},bob:read:{}",
-            sha256_hex(OPERATE),
-            sha256_hex(READ)
-        );
-        let deps = Deps {
-            runs: runs.clone(),
-            bus: bus.clone(),
-            config: Arc::new(Config::parse(CONFIG, "test.toml")?),
-            secrets: Secrets {
-                api_tokens: parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
+        let (deps, router) = support::router(
+            runs.clone(),
+            bus.clone(),
+            CONFIG,
+            Secrets {
                 app_service,
-                ..Secrets::default()
+                ..support::secrets()?
             },
-            services: Default::default(),
-        };
-        let deps = Arc::new(deps);
-        let router = gantry_runtime::app(deps.clone(), &[fn_runs_api::function()]);
+        )?;
         let start = u64::try_from(OffsetDateTime::now_utc().unix_timestamp())? * 1000 - 3_600_000;
         Ok(Harness {
             _dir: dir,
@@ -168,20 +150,7 @@ impl Harness {
         headers: &[(&str, String)],
         body: &str,
     ) -> Result<(StatusCode, Value)> {
-        let mut request = Request::builder().method(method).uri(path);
-        for (k, v) in headers {
-            request = request.header(*k, v);
-        }
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(Body::from(body.to_string()))?)
-            .await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{status}: not JSON: {}", String::from_utf8_lossy(&bytes)))?;
-        Ok((status, value))
+        support::call(&self.router, method, path, headers, body).await
     }
 
     async fn call(
@@ -191,11 +160,8 @@ impl Harness {
         token: Option<&str>,
         body: &str,
     ) -> Result<(StatusCode, Value)> {
-        let headers: Vec<(&str, String)> = token
-            .map(|t| ("authorization", format!("Bearer {t}")))
-            .into_iter()
-            .collect();
-        self.call_with(method, path, &headers, body).await
+        self.call_with(method, path, &support::bearer(token), body)
+            .await
     }
 
     async fn stored(&self, run: &Run) -> Result<Run> {
@@ -207,25 +173,11 @@ impl Harness {
     }
 
     async fn assert_quiet(&self, except: &[&str]) -> Result<()> {
-        for queue in QUEUES.iter().filter(|q| !except.contains(q)) {
-            let held = self.messages(queue).await;
-            ensure!(held.is_empty(), "queue {queue} holds {held:#?}");
-        }
-        Ok(())
+        support::assert_quiet(&self.bus.inner, except).await
     }
 
     async fn audit(&self, action: &str) -> Result<Vec<Value>> {
-        let mut found = Vec::new();
-        for name in self.runs.list_all("audit/").await? {
-            let blob = self.store.get(&name).await?.context("audit blob")?;
-            for line in String::from_utf8(blob.body)?.lines() {
-                let entry: Value = serde_json::from_str(line)?;
-                if entry["action"] == action {
-                    found.push(entry);
-                }
-            }
-        }
-        Ok(found)
+        support::audit(&self.runs, self.store.as_ref(), action).await
     }
 
     async fn list(&self, query: &str) -> Result<(Vec<String>, Option<String>)> {
@@ -241,10 +193,6 @@ impl Harness {
             .collect();
         Ok((ids, body["continuation"].as_str().map(str::to_string)))
     }
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_default()
 }
 
 const PASSED: StepStatus = StepStatus::Passed;

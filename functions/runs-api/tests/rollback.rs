@@ -2,37 +2,28 @@
 //! the rollback run it creates, the deploy message it sends, the audit entry,
 //! and every refusal leaving the state as it was.
 
+mod support;
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
-use axum::body::Body;
-use gantry_bus::{EmbeddedBus, QUEUES, QueueOptions};
+use gantry_bus::{EmbeddedBus, QueueOptions};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
 use gantry_pipeline::runs::blobs;
 use gantry_pipeline::{
     AppName, Config, Digest, Run, RunStatus, RunStore, SourceKind, Step, StepStatus,
 };
-use gantry_runtime::auth::parse_api_tokens;
-use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
 use gantry_testkit::fixtures;
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
+use support::{OPERATE, READ, code};
 
 const GOOD: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
 const BAD: &str = "sha256:c0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffeec0ffee0123";
 const CONFIG: &str = "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nrequire_approval = true\n";
-const OPERATE: &str = "ops-secret";
-const READ: &str = "read-secret";
-
-fn sha256_hex(token: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
 
 struct Harness {
     _dir: tempfile::TempDir,
@@ -49,23 +40,13 @@ impl Harness {
         let store = Arc::new(FsStore::open(dir.path().join("store"))?);
         let bus = EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?;
         let runs = RunStore::new(store.clone());
-        let tokens = format!(
-            "alice:operate:{},bob:read:{}",
-            sha256_hex(OPERATE),
-            sha256_hex(READ)
-        );
-        let config = Arc::new(Config::parse(CONFIG, "test.toml")?);
-        let deps = Deps {
-            runs: runs.clone(),
-            bus: Arc::new(bus.clone()),
-            config: config.clone(),
-            secrets: Secrets {
-                api_tokens: parse_api_tokens(&tokens).map_err(anyhow::Error::msg)?,
-                ..Secrets::default()
-            },
-            services: Default::default(),
-        };
-        let router = gantry_runtime::app(Arc::new(deps), &[fn_runs_api::function()]);
+        let (deps, router) = support::router(
+            runs.clone(),
+            Arc::new(bus.clone()),
+            CONFIG,
+            support::secrets()?,
+        )?;
+        let config = deps.config.clone();
         Ok(Harness {
             _dir: dir,
             store,
@@ -122,20 +103,7 @@ impl Harness {
         token: Option<&str>,
         body: &str,
     ) -> Result<(StatusCode, Value)> {
-        let mut request = Request::builder().method("POST").uri(path);
-        if let Some(t) = token {
-            request = request.header("authorization", format!("Bearer {t}"));
-        }
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(Body::from(body.to_string()))?)
-            .await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{status}: not JSON: {}", String::from_utf8_lossy(&bytes)))?;
-        Ok((status, value))
+        support::call(&self.router, "POST", path, &support::bearer(token), body).await
     }
 
     async fn run_count(&self) -> Result<usize> {
@@ -143,30 +111,12 @@ impl Harness {
     }
 
     async fn assert_quiet(&self) -> Result<()> {
-        for queue in QUEUES {
-            let held = self.bus.peek(queue).await;
-            ensure!(held.is_empty(), "queue {queue} holds {held:#?}");
-        }
-        Ok(())
+        support::assert_quiet(&self.bus, &[]).await
     }
 
     async fn audit(&self, action: &str) -> Result<Vec<Value>> {
-        let mut found = Vec::new();
-        for name in self.runs.list_all("audit/").await? {
-            let blob = self.store.get(&name).await?.context("audit blob")?;
-            for line in String::from_utf8(blob.body)?.lines() {
-                let entry: Value = serde_json::from_str(line)?;
-                if entry["action"] == action {
-                    found.push(entry);
-                }
-            }
-        }
-        Ok(found)
+        support::audit(&self.runs, self.store.as_ref(), action).await
     }
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_default()
 }
 
 const ROLLBACK: &str = "/api/apps/web/rollback";
