@@ -128,6 +128,24 @@ async fn requests(cluster: Cluster, server: JoinHandle<Vec<Seen>>) -> Vec<Seen> 
         .unwrap()
 }
 
+/// (method, path) of each request, in order.
+fn calls(seen: &[Seen]) -> Vec<(&str, &str)> {
+    seen.iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect()
+}
+
+/// `remove_stale` for app `web` when neither optional kind is rendered.
+async fn remove_both_stale(cluster: &Cluster) -> Result<Vec<(String, String)>, KubeError> {
+    cluster
+        .remove_stale(
+            "web",
+            "web",
+            &objects_without(&["Ingress", "SecretProviderClass"]),
+        )
+        .await
+}
+
 /// What a real API server returns for an apply: the object with server
 /// fields, the Deployment at generation 7.
 fn echo(seen: &Seen) -> Reply {
@@ -865,10 +883,7 @@ async fn remove_stale_deletes_a_leftover_gantry_ingress_with_a_uid_precondition(
         .await
         .unwrap();
     let seen = requests(cluster, server).await;
-    let calls: Vec<(&str, &str)> = seen
-        .iter()
-        .map(|s| (s.method.as_str(), s.path.as_str()))
-        .collect();
+    let calls = calls(&seen);
     assert_eq!(calls, [("GET", INGRESS_PATH), ("DELETE", INGRESS_PATH)]);
     assert_eq!(
         seen[1].body["preconditions"]["uid"], STALE_UID,
@@ -885,19 +900,9 @@ async fn remove_stale_leaves_objects_gantry_did_not_create() {
         ("GET", SPC_PATH) => live_object(SPC_PATH, json!({"app.kubernetes.io/managed-by": "Helm"})),
         _ => status(500, "InternalError", "unexpected request"),
     });
-    let removed = cluster
-        .remove_stale(
-            "web",
-            "web",
-            &objects_without(&["Ingress", "SecretProviderClass"]),
-        )
-        .await
-        .unwrap();
+    let removed = remove_both_stale(&cluster).await.unwrap();
     let seen = requests(cluster, server).await;
-    let calls: Vec<(&str, &str)> = seen
-        .iter()
-        .map(|s| (s.method.as_str(), s.path.as_str()))
-        .collect();
+    let calls = calls(&seen);
     assert_eq!(calls, [("GET", SPC_PATH), ("GET", INGRESS_PATH)]);
     assert!(removed.is_empty(), "{removed:?}");
 }
@@ -908,19 +913,9 @@ async fn remove_stale_absent_objects_and_an_unserved_crd_are_nothing_to_do() {
         "GET" => not_found(),
         _ => status(500, "InternalError", "unexpected request"),
     });
-    let removed = cluster
-        .remove_stale(
-            "web",
-            "web",
-            &objects_without(&["Ingress", "SecretProviderClass"]),
-        )
-        .await
-        .unwrap();
+    let removed = remove_both_stale(&cluster).await.unwrap();
     let seen = requests(cluster, server).await;
-    let calls: Vec<(&str, &str)> = seen
-        .iter()
-        .map(|s| (s.method.as_str(), s.path.as_str()))
-        .collect();
+    let calls = calls(&seen);
     assert_eq!(calls, [("GET", SPC_PATH), ("GET", INGRESS_PATH)]);
     assert!(removed.is_empty());
 }
@@ -944,14 +939,7 @@ async fn remove_stale_a_delete_conflict_or_404_is_not_an_error() {
             "GET" => live_object(&seen.path, gantry_labels()),
             _ => status(code, "Conflict", "Precondition failed: UID in precondition"),
         });
-        let removed = cluster
-            .remove_stale(
-                "web",
-                "web",
-                &objects_without(&["Ingress", "SecretProviderClass"]),
-            )
-            .await
-            .unwrap();
+        let removed = remove_both_stale(&cluster).await.unwrap();
         let seen = requests(cluster, server).await;
         let methods: Vec<&str> = seen.iter().map(|s| s.method.as_str()).collect();
         assert_eq!(methods, ["GET", "DELETE", "GET", "DELETE"], "{code}");
@@ -966,14 +954,7 @@ async fn remove_stale_failures_are_typed_delete_object() {
         "GET" => not_found(),
         _ => status(403, "Forbidden", "cannot delete ingresses"),
     });
-    let err = cluster
-        .remove_stale(
-            "web",
-            "web",
-            &objects_without(&["Ingress", "SecretProviderClass"]),
-        )
-        .await
-        .unwrap_err();
+    let err = remove_both_stale(&cluster).await.unwrap_err();
     requests(cluster, server).await;
     assert!(
         matches!(&err, KubeError::DeleteObject { kind, name, status: Some(403), .. }
