@@ -7,18 +7,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::body::Body;
-use gantry_bus::{
-    BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QUEUES, QueueOptions,
-};
+use gantry_bus::{EmbeddedBus, MessageView, QUEUES, QueueOptions};
 use gantry_pipeline::{Config, Digest, Run, RunStatus, RunStore, Step, StepRequest, StepStatus};
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::bus::FlakyBus;
 use gantry_testkit::fixtures::{self, DIGEST};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -29,35 +28,6 @@ use tower::ServiceExt;
 const DIGEST2: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 const SCAN_SUMMARY: &str = "trivy: 0 critical, 0 high, 3 medium (threshold high)";
 const DEPLOYED: &str = "apps/web/deployed.json";
-
-/// The embedded queue, with sends to one queue that can be made to fail
-/// transiently, as Service Bus does when throttled.
-struct FlakyBus {
-    inner: EmbeddedBus,
-    /// (queue, sends still to fail)
-    fail: Mutex<Option<(String, u32)>>,
-}
-
-#[async_trait::async_trait]
-impl MessageBus for FlakyBus {
-    async fn send(&self, message: OutMessage) -> Result<(), BusError> {
-        {
-            let mut fail = self.fail.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((queue, left)) = fail.as_mut()
-                && *queue == message.queue
-                && *left > 0
-            {
-                *left -= 1;
-                return Err(BusError::Send {
-                    queue: message.queue.clone(),
-                    message: "503 ServerBusy (injected by the test)".into(),
-                    transient: true,
-                });
-            }
-        }
-        self.inner.send(message).await
-    }
-}
 
 /// What the configuration of one test says.
 #[derive(Clone)]
@@ -91,10 +61,7 @@ impl Harness {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(FsStore::open(dir.path().join("store"))?);
         let bus = EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?;
-        let flaky = Arc::new(FlakyBus {
-            inner: bus.clone(),
-            fail: Mutex::new(None),
-        });
+        let flaky = Arc::new(FlakyBus::new(bus.clone()));
         let runs = RunStore::new(store.clone());
         let (config, router) = configure(&dir.path().join("deploy"), &runs, &flaky, setup)?;
         Ok(Harness {
@@ -519,7 +486,7 @@ async fn a_deployed_alert_lost_to_a_transient_send_failure_is_sent_on_redelivery
     let rendered = h.render(&run)?;
 
     // The deploy is recorded, then sending the alert fails: the host redelivers.
-    *h.flaky.fail.lock().unwrap_or_else(|p| p.into_inner()) = Some(("alerts".into(), 1));
+    h.flaky.fail_sends("alerts", 1);
     let (status, line) = h.deploy(&run, DIGEST, 1, 1).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{line}");
     assert_deployed(

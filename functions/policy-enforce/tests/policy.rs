@@ -6,20 +6,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::body::Body;
-use gantry_bus::{
-    BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QUEUES, QueueOptions,
-};
+use gantry_bus::{EmbeddedBus, MessageView, QUEUES, QueueOptions};
 use gantry_pipeline::{
     Config, Digest, Run, RunStatus, RunStore, Source, Step, StepRequest, StepStatus,
 };
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::bus::FlakyBus;
 use gantry_testkit::fixtures::{self, DIGEST, SHA};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -37,35 +36,6 @@ const EXAMPLE_TEMPLATE: &str = concat!(
     "/../../examples/policies/required-labels/template.yaml"
 );
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-/// The embedded queue, with sends to one queue that can be made to fail
-/// transiently, as Service Bus does when throttled.
-struct FlakyBus {
-    inner: EmbeddedBus,
-    /// (queue, sends still to fail)
-    fail: Mutex<Option<(String, u32)>>,
-}
-
-#[async_trait::async_trait]
-impl MessageBus for FlakyBus {
-    async fn send(&self, message: OutMessage) -> Result<(), BusError> {
-        {
-            let mut fail = self.fail.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((queue, left)) = fail.as_mut()
-                && *queue == message.queue
-                && *left > 0
-            {
-                *left -= 1;
-                return Err(BusError::Send {
-                    queue: message.queue.clone(),
-                    message: "503 ServerBusy (injected by the test)".into(),
-                    transient: true,
-                });
-            }
-        }
-        self.inner.send(message).await
-    }
-}
 
 /// What the configuration of one test says.
 struct Setup<'a> {
@@ -100,10 +70,7 @@ impl Harness {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(FsStore::open(dir.path().join("store"))?);
         let bus = EmbeddedBus::open(dir.path().join("bus"), QueueOptions::default()).await?;
-        let flaky = Arc::new(FlakyBus {
-            inner: bus.clone(),
-            fail: Mutex::new(None),
-        });
+        let flaky = Arc::new(FlakyBus::new(bus.clone()));
         let mut text = format!(
             "[[apps]]\nname = \"web\"\nrepo = \"contoso/web\"\nimage = \"contoso.azurecr.io/web\"\nrequire_approval = {}\n\n[policy]\nbuiltin = {}\n",
             setup.require_approval, setup.builtin
@@ -1015,7 +982,7 @@ async fn a_deploy_message_lost_to_a_transient_send_failure_is_sent_on_redelivery
     h.record(&run).await?;
 
     // The pass is recorded, then sending `deploy` fails: the host must redeliver.
-    *h.flaky.fail.lock().unwrap_or_else(|p| p.into_inner()) = Some(("deploy".into(), 1));
+    h.flaky.fail_sends("deploy", 1);
     let (status, line) = h.policy(&run, DIGEST, 1, 1).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{line}");
     let stored = h.run(&run).await?;

@@ -13,15 +13,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::body::Body;
-use gantry_bus::{
-    BusError, Clock, EmbeddedBus, MessageBus, MessageState, MessageView, OutMessage, QUEUES,
-    QueueOptions, QueueStats,
-};
+use gantry_bus::{Clock, EmbeddedBus, MessageState, MessageView, QUEUES, QueueOptions, QueueStats};
 use gantry_pipeline::{AppName, Config, Run, RunId, RunStatus, RunStore, Source, Step, StepStatus};
 use gantry_runtime::{Deps, Secrets};
 use gantry_scan::{FIRST_DELAY, next_check};
 use gantry_store::fs::FsStore;
 use gantry_store::{Etag, Page, StateStore, StoreError, Versioned};
+use gantry_testkit::bus::FlakyBus;
 use gantry_testkit::fixtures::{self, SHA};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -117,36 +115,6 @@ impl StateStore for FlakyStore {
     }
 }
 
-/// The embedded queue, with sends to one queue that can be made to fail
-/// transiently (Service Bus throttling or a network blip).
-struct FlakyBus {
-    inner: EmbeddedBus,
-    queue: Mutex<String>,
-    fail: AtomicU32,
-}
-
-impl FlakyBus {
-    fn fail_sends(&self, queue: &str, fail: u32) {
-        *self.queue.lock().unwrap_or_else(|p| p.into_inner()) = queue.to_string();
-        self.fail.store(fail, Ordering::SeqCst);
-    }
-}
-
-#[async_trait::async_trait]
-impl MessageBus for FlakyBus {
-    async fn send(&self, message: OutMessage) -> Result<(), BusError> {
-        let target = self.queue.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if message.queue == target && take(&self.fail) {
-            return Err(BusError::Send {
-                queue: message.queue,
-                message: "ServerBusy (injected by the test)".into(),
-                transient: true,
-            });
-        }
-        self.inner.send(message).await
-    }
-}
-
 /// The embedded queue's clock: the wall clock plus an offset, so a scheduled
 /// message can come due without the test sleeping.
 #[derive(Default)]
@@ -198,11 +166,7 @@ impl Harness {
             clock.clone(),
         )
         .await?;
-        let flaky_bus = Arc::new(FlakyBus {
-            inner: bus.clone(),
-            queue: Mutex::new(String::new()),
-            fail: AtomicU32::new(0),
-        });
+        let flaky_bus = Arc::new(FlakyBus::new(bus.clone()));
         let runs = RunStore::new(store.clone());
         let config = Config::parse(&format!("{CONFIG}{}", extra(dir.path())), "test.toml")?;
         let deps = Deps {

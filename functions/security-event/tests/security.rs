@@ -9,13 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::body::Body;
-use gantry_bus::{BusError, EmbeddedBus, MessageBus, MessageView, OutMessage, QueueOptions};
+use gantry_bus::{EmbeddedBus, MessageView, QueueOptions};
 use gantry_events::defender::{DefenderEvent, decode};
 use gantry_pipeline::messages::{Deployed, DeployedVersion};
 use gantry_pipeline::names::security_key;
@@ -23,6 +23,7 @@ use gantry_pipeline::{Config, Digest, Run, RunStatus, RunStore, Step, StepReques
 use gantry_runtime::{Deps, Secrets};
 use gantry_store::StateStore;
 use gantry_store::fs::FsStore;
+use gantry_testkit::bus::FlakyBus;
 use gantry_testkit::fixtures;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -49,34 +50,6 @@ fn sample(name: &str) -> Result<Vec<u8>> {
 
 fn sample_json(name: &str) -> Result<Value> {
     Ok(serde_json::from_slice(&sample(name)?)?)
-}
-
-/// The embedded queue, with sends to one queue that can be made to fail
-/// transiently, as Service Bus does when throttled.
-struct FlakyBus {
-    inner: EmbeddedBus,
-    fail: Mutex<Option<(String, u32)>>,
-}
-
-#[async_trait::async_trait]
-impl MessageBus for FlakyBus {
-    async fn send(&self, message: OutMessage) -> Result<(), BusError> {
-        {
-            let mut fail = self.fail.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((queue, left)) = fail.as_mut()
-                && *queue == message.queue
-                && *left > 0
-            {
-                *left -= 1;
-                return Err(BusError::Send {
-                    queue: message.queue.clone(),
-                    message: "503 ServerBusy (injected by the test)".into(),
-                    transient: true,
-                });
-            }
-        }
-        self.inner.send(message).await
-    }
 }
 
 struct Setup {
@@ -143,10 +116,7 @@ impl Harness {
             },
         )
         .await?;
-        let flaky = Arc::new(FlakyBus {
-            inner: bus.clone(),
-            fail: Mutex::new(None),
-        });
+        let flaky = Arc::new(FlakyBus::new(bus.clone()));
         let runs = RunStore::new(store.clone());
         let deploy_dir = dir.path().join("deploy");
         let clusters: Vec<String> = setup.clusters.iter().map(|c| format!("{c:?}")).collect();
@@ -765,7 +735,7 @@ async fn duplicate_delivery(h: Harness) -> Result<()> {
 async fn transient_bus_failure_is_redelivered_and_alerts_once() -> Result<()> {
     let h = Harness::new(Setup::default()).await?;
     let web = h.run_for("web", WEB, RunStatus::Deployed).await?;
-    *h.flaky.fail.lock().unwrap_or_else(|p| p.into_inner()) = Some(("alerts".into(), 1));
+    h.flaky.fail_sends("alerts", 1);
     let body = sample(PASCAL)?;
     let (status, line) = h.deliver(&body, 1).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{line}");

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod bus;
 pub mod fixtures;
 
 /// Azurite's well-known development account.
