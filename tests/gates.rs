@@ -34,24 +34,12 @@ fn write_config(
 /// Posts the example push and image event, then waits for the run to settle
 /// in one of `until` statuses.
 async fn run_to(host: &DevHost, until: &[&str]) -> Result<Value> {
-    let (status, body) = host
-        .github(
-            "push",
-            "44444444-2222-4333-8444-555555555555",
-            &example("github-push.json"),
-        )
-        .await?;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(
-        host.enqueue(
-            "registry-events",
-            Some("831e1650-001e-001b-66ab-eeb76e069631"),
-            &example("acr-image-pushed.json")
-        )
-        .await?,
-        201
-    );
-    host.settle(until, &[]).await
+    host.push_and_image(
+        "44444444-2222-4333-8444-555555555555",
+        "831e1650-001e-001b-66ab-eeb76e069631",
+        until,
+    )
+    .await
 }
 
 #[tokio::test]

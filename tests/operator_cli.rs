@@ -58,24 +58,13 @@ async fn retrigger_from_scan_after_fixing_the_report_deploys() -> Result<()> {
     )
     .await?;
     let url = host.url("");
-    let (status, body) = host
-        .github(
-            "push",
+    let run = host
+        .push_and_image(
             "44444444-2222-4333-8444-555555555555",
-            &example("github-push.json"),
+            "831e1650-001e-001b-66ab-eeb76e069631",
+            &["blocked", "failed", "deployed"],
         )
         .await?;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(
-        host.enqueue(
-            "registry-events",
-            Some("831e1650-001e-001b-66ab-eeb76e069631"),
-            &example("acr-image-pushed.json")
-        )
-        .await?,
-        201
-    );
-    let run = host.settle(&["blocked", "failed", "deployed"], &[]).await?;
     assert_eq!(run["status"], "blocked", "{run:#}");
     assert_eq!(run["steps"]["scan"]["status"], "blocked");
     let id = run["id"].as_str().context("id")?.to_string();

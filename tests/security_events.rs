@@ -33,24 +33,13 @@ async fn wait_blob(host: &DevHost, name: &str) -> Result<Value> {
 async fn defender_alerts_correlate_block_and_record_through_gantry_dev() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let host = DevHost::start(dir.path(), &[]).await?;
-    let (status, body) = host
-        .github(
-            "push",
+    let run = host
+        .push_and_image(
             "aaaaaaaa-2222-4333-8444-555555555555",
-            &example("github-push.json"),
+            "evt-1",
+            &["deployed"],
         )
         .await?;
-    assert_eq!(status, 202, "{body}");
-    assert_eq!(
-        host.enqueue(
-            "registry-events",
-            Some("evt-1"),
-            &example("acr-image-pushed.json")
-        )
-        .await?,
-        201
-    );
-    let run = host.settle(&["deployed"], &[]).await?;
 
     // PascalCase (workflow automation): namespace web in aks-prod, web's digest.
     let alert = example("defender/alert-workflow-automation.pascal.json");

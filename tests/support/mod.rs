@@ -185,6 +185,31 @@ impl DevHost {
         Ok(Some(records))
     }
 
+    /// Posts the example push (GitHub delivery id `delivery`) and its ACR
+    /// image event (Event Grid id `event_id`), then waits for the run to
+    /// settle in one of `until`.
+    pub async fn push_and_image(
+        &self,
+        delivery: &str,
+        event_id: &str,
+        until: &[&str],
+    ) -> Result<Value> {
+        let (status, body) = self
+            .github("push", delivery, &example("github-push.json"))
+            .await?;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(
+            self.enqueue(
+                "registry-events",
+                Some(event_id),
+                &example("acr-image-pushed.json")
+            )
+            .await?,
+            201
+        );
+        self.settle(until, &[]).await
+    }
+
     /// Waits until the only run has one of `statuses`, and returns it.
     pub async fn settle(&self, statuses: &[&str], extra: &[&str]) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(60);
